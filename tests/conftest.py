@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random models of both architectures the project supports, with the
+real tokenizers, so that every invariant runs in seconds on a CPU without downloading weights."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from ioi.dataset import corrupt, make_dataset
+from ioi.models import _smollm2_directory, from_hf_model, gpt2_tokenizer_directory
+
+
+def _seeded(build, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """GPT-2 architecture, 3 layers x 4 heads, d_model 64, GPT-2's real tokenizer."""
+    config = GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64)
+    model = _seeded(lambda: GPT2LMHeadModel(config))
+    bridge = from_hf_model(model, gpt2_tokenizer_directory())
+    bridge.ioi_name = "tiny-gpt2"
+    return bridge
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """Llama architecture with grouped-query attention (4 query heads, 2 key/value heads),
+    rotary embeddings and RMSNorm, 3 layers, d_model 64, SmolLM2's real tokenizer."""
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    model = _seeded(lambda: LlamaForCausalLM(config))
+    bridge = from_hf_model(model, _smollm2_directory())
+    bridge.ioi_name = "tiny-llama"
+    return bridge
+
+
+@pytest.fixture(scope="session", params=["tiny_gpt2", "tiny_llama"])
+def tiny_model(request):
+    """Each tiny model in turn: tests that take it run on both architectures."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    return AutoTokenizer.from_pretrained(gpt2_tokenizer_directory())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(_smollm2_directory())
+
+
+def make_pair(model, n=12, seed=0, templates="mixed", prepend_bos=False):
+    """A clean IOI dataset and its ABC corruption for `model`'s tokenizer."""
+    clean = make_dataset(model.tokenizer, n, seed=seed, templates=templates, prepend_bos=prepend_bos)
+    return clean, corrupt(clean, model.tokenizer)

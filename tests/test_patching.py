@@ -1,0 +1,83 @@
+"""Activation patching: invariants, and agreement with `transformer_lens.patching`."""
+
+import pytest
+import torch
+import transformer_lens.patching as tl_patching
+from conftest import make_pair
+
+from ioi import patching
+from ioi.metrics import logit_diff
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model):
+    return make_pair(tiny_model, n=10, templates="baba")
+
+
+def _tl_metric(dataset):
+    return lambda logits: logit_diff(logits, dataset).mean()
+
+
+def test_clean_into_clean_changes_nothing(tiny_model, data):
+    """Patching the clean run's activations into the clean run leaves the logit difference."""
+    clean, _ = data
+    out = patching.patch_head_outputs(tiny_model, clean, clean)
+    base = logit_diff(tiny_model(clean.tokens), clean).mean().item()
+    assert out.logit_diff.to_numpy() == pytest.approx(base, abs=1e-5)
+
+
+def test_all_heads_of_a_layer_equal_the_attention_output(tiny_model, data):
+    """Patching every head's z at a layer is the same as patching the layer's attention output."""
+    clean, corrupted = data
+    _, cache = patching.run_with_cache(tiny_model, clean)
+    layer = 1
+    z = cache[f"blocks.{layer}.attn.hook_z"]
+    all_heads = patching.patch_once(
+        tiny_model, corrupted, f"blocks.{layer}.attn.hook_z", z, patching.set_all, ()
+    )
+    attn = patching.patch_once(
+        tiny_model, corrupted, f"blocks.{layer}.hook_attn_out",
+        cache[f"blocks.{layer}.hook_attn_out"], patching.set_all, (),
+    )
+    torch.testing.assert_close(all_heads, attn, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (patching.patch_head_outputs, tl_patching.get_act_patch_attn_head_out_all_pos),
+        (patching.patch_head_queries, tl_patching.get_act_patch_attn_head_q_all_pos),
+        (patching.patch_head_values, tl_patching.get_act_patch_attn_head_v_all_pos),
+        (patching.patch_head_patterns, tl_patching.get_act_patch_attn_head_pattern_all_pos),
+    ],
+)
+def test_head_sweeps_agree_with_transformer_lens(tiny_model, data, ours, theirs):
+    """Our head sweeps give TransformerLens's numbers on the same model and data."""
+    clean, corrupted = data
+    _, cache = tiny_model.run_with_cache(clean.tokens)
+    expected = theirs(tiny_model, corrupted.tokens, cache, _tl_metric(corrupted))
+    got = ours(tiny_model, clean, corrupted).pivot(index="layer", columns="head", values="logit_diff")
+    torch.testing.assert_close(torch.tensor(got.to_numpy()), expected.double(), atol=1e-4, rtol=0)
+
+
+def test_residual_sweep_agrees_with_transformer_lens(tiny_model, data):
+    """Residual patching at absolute positions matches TransformerLens's layer x position sweep."""
+    clean, corrupted = data
+    _, cache = tiny_model.run_with_cache(clean.tokens)
+    expected = tl_patching.get_act_patch_resid_pre(
+        tiny_model, corrupted.tokens, cache, _tl_metric(corrupted)
+    )
+    positions = range(clean.tokens.shape[1])
+    got = patching.patch_residual(tiny_model, clean, corrupted, positions=positions)
+    got = got.pivot(index="layer", columns="position", values="logit_diff")
+    torch.testing.assert_close(torch.tensor(got.to_numpy()), expected.double(), atol=1e-4, rtol=0)
+
+
+def test_whole_residual_stream_restores_clean(tiny_model, data):
+    """Patching the entire residual stream before layer 0 turns the corrupted run into the
+    clean run: the normalised metric is exactly 1."""
+    clean, corrupted = data
+    runs = patching.clean_and_corrupted(tiny_model, clean, corrupted, ["blocks.0.hook_resid_pre"])
+    resid = runs["clean_cache"]["blocks.0.hook_resid_pre"]
+    ld = patching.patch_once(tiny_model, corrupted, "blocks.0.hook_resid_pre", resid, patching.set_all, ())
+    assert ld.mean().item() == pytest.approx(runs["clean_ld"], abs=1e-5)
