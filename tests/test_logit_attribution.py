@@ -31,7 +31,7 @@ def test_heads_sum_to_the_layer_attention_output(tiny_model, clean):
     direction = dla.logit_diff_directions(tiny_model, clean)
     for layer in range(tiny_model.cfg.n_layers):
         attn = cache[f"blocks.{layer}.hook_attn_out"][rows, clean.end]
-        whole = (dla._through_final_norm(tiny_model, attn, scale) * direction).sum(-1)
+        whole = (dla.apply_norm(tiny_model, attn, scale) * direction).sum(-1)
         parts = per_prompt[(per_prompt.layer == layer) & per_prompt.component.isin(["head", "attn_bias"])]
         summed = parts.groupby("prompt_index").dla.sum().to_numpy()
         np.testing.assert_allclose(summed, whole.detach().double().numpy(), atol=1e-4)

@@ -31,8 +31,8 @@ def logit_diff_directions(model, dataset: IOIDataset) -> Float[Tensor, "batch d_
     return (model.W_U[:, dataset.io_token] - model.W_U[:, dataset.s_token]).T
 
 
-def _through_final_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float[Tensor, " batch"]):
-    """What the final norm does to one component of a sum, given the sum's scale."""
+def apply_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float[Tensor, " batch"]):
+    """What a norm (weight folded away) does to one component of a sum, given the sum's scale."""
     if model.cfg.normalization_type in ("LN", "LNPre"):
         x = x - x.mean(-1, keepdim=True)
     return x / scale.reshape(-1, *([1] * (x.ndim - 1)))
@@ -65,7 +65,7 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
     direction = logit_diff_directions(model, dataset)
 
     def share(x: Tensor) -> Tensor:  # x: [batch, ..., d_model] at END
-        normed = _through_final_norm(model, x, scale)
+        normed = apply_norm(model, x, scale)
         return torch.einsum("b...d,bd->b...", normed, direction)
 
     frames = [_frame(dataset, "embed", -1, -1, share(cache["blocks.0.hook_resid_pre"][rows_idx, end]))]
@@ -133,14 +133,14 @@ def logit_lens(model, dataset: IOIDataset, seed: int = 0) -> pd.DataFrame:
     rows = []
     for layer, name in enumerate(names):
         resid = cache[name][rows_idx, dataset.end]
-        normed = _through_final_norm(model, resid, _own_scale(model, resid))
+        normed = apply_norm(model, resid, norm_scale(model, resid))
         values = (normed * direction).sum(-1) + bias
         rows.append({"layer": layer, **summarise(values.double().numpy(), seed)})
     return pd.DataFrame(rows)
 
 
-def _own_scale(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
-    """The final norm's scale for this residual vector, as the norm itself computes it."""
+def norm_scale(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
+    """The scale a LayerNorm or RMSNorm computes for this vector."""
     if model.cfg.normalization_type in ("LN", "LNPre"):
         resid = resid - resid.mean(-1, keepdim=True)
     return (resid.pow(2).mean(-1) + model.cfg.eps).sqrt()

@@ -1,0 +1,100 @@
+"""The scores Wang et al. 2022 use to say what kind of head a head is.
+
+On the IOI prompts themselves (mean attention probability, per head):
+- previous-token: attention from S1+1 back to S1;
+- duplicate-token: from S2 back to S1, the earlier copy of the same token;
+- induction: from S2 to S1+1, the token after the earlier copy;
+- END to IO and END to S: what name movers (IO) and S-inhibition heads (S2) attend to.
+
+On the OV circuit (§3.1, "copy score"): take the residual stream at a name's position after the
+first MLP, send it through the head's OV circuit and the unembedding; the copy score is the share
+of names that come out among the top 5 logits. The negative copy score does the same for the
+negated output, the signature of negative name movers.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ioi.dataset import IOIDataset
+from ioi.logit_attribution import apply_norm, norm_scale
+from ioi.patching import run_with_cache
+
+ATTENTION_SCORES = {
+    # score name: (query position, key position)
+    "previous_token": ("S1+1", "S1"),
+    "duplicate_token": ("S2", "S1"),
+    "induction": ("S2", "S1+1"),
+    "end_to_io": ("END", "IO"),
+    "end_to_s": ("END", "S2"),
+}
+COPY_TOP_K = 5  # the paper counts a name as copied when it is among the top 5 logits
+
+
+@torch.inference_mode()
+def attention_scores(model, dataset: IOIDataset) -> pd.DataFrame:
+    """One row per head, one column per score in `ATTENTION_SCORES` (mean over prompts)."""
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    _, cache = run_with_cache(model, dataset, names)
+    rows = torch.arange(len(dataset))
+    out = []
+    for layer, name in enumerate(names):
+        pattern = cache[name]  # [batch head query key]
+        scores = {
+            score: pattern[rows, :, dataset.positions[q], dataset.positions[k]].mean(0)
+            for score, (q, k) in ATTENTION_SCORES.items()
+        }
+        for head in range(model.cfg.n_heads):
+            out.append({"layer": layer, "head": head, **{s: v[head].item() for s, v in scores.items()}})
+    return pd.DataFrame(out)
+
+
+def _value_weights(model, layer: int, head: int):
+    """The head's value weights; under grouped-query attention, those of its key/value group."""
+    n_kv = model.W_V.shape[1]
+    group = head // (model.cfg.n_heads // n_kv)
+    try:
+        b_V = model.b_V[layer, group]
+    except AttributeError:  # bias-free projections
+        b_V = torch.zeros(model.W_V.shape[-1])
+    return model.W_V[layer, group], b_V
+
+
+@torch.inference_mode()
+def copy_scores(model, dataset: IOIDataset) -> pd.DataFrame:
+    """Per head: the share of names its OV circuit copies (top-5) and negatively copies."""
+    _, cache = run_with_cache(model, dataset, ["blocks.1.hook_resid_pre"])
+    rows = torch.arange(len(dataset))
+    resid = cache["blocks.1.hook_resid_pre"]
+    # each prompt's IO and S names, as they stand after the first MLP
+    x = torch.cat([resid[rows, dataset.positions["IO"]], resid[rows, dataset.positions["S1"]]])
+    targets = torch.cat([dataset.io_token, dataset.s_token])
+    x = apply_norm(model, x, norm_scale(model, x))  # ln1; its weight is folded into W_V
+    out = []
+    for layer in range(model.cfg.n_layers):
+        for head in range(model.cfg.n_heads):
+            W_V, b_V = _value_weights(model, layer, head)
+            written = (x @ W_V + b_V) @ model.W_O[layer, head]
+            logits = apply_norm(model, written, norm_scale(model, written)) @ model.W_U
+            out.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "copy_score": _top_k_share(logits, targets),
+                    "negative_copy_score": _top_k_share(-logits, targets),
+                }
+            )
+    return pd.DataFrame(out)
+
+
+def _top_k_share(logits: Float[Tensor, "n d_vocab"], targets) -> float:
+    top = logits.topk(COPY_TOP_K, dim=-1).indices
+    return (top == targets[:, None]).any(-1).double().mean().item()
+
+
+def head_scores(model, dataset: IOIDataset) -> pd.DataFrame:
+    """All scores, one row per head."""
+    return attention_scores(model, dataset).merge(copy_scores(model, dataset), on=["layer", "head"])

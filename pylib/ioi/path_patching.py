@@ -1,0 +1,134 @@
+"""Path patching (Wang et al. 2022 §3 and Appendix B; Goldowsky-Dill et al. 2023).
+
+Activation patching asks whether a head matters; path patching asks whether it matters *through
+a given path*, e.g. whether an S-inhibition head matters because it changes what the name
+movers' queries read. For sender heads h and receivers R (chosen heads' queries, keys or values,
+or the logits):
+
+1. Run the clean and the corrupted (ABC) prompts and cache every head's output.
+2. Run the clean prompts again with the senders' outputs set to their ABC values and every
+   other head's output frozen to its clean value, so the change can only travel from the
+   senders to R directly (MLPs are recomputed, as in the paper). Cache R's inputs.
+3. Run the clean prompts with only R's inputs replaced by those cached in step 2, and read the
+   logit difference. When R is the logits, step 2's own output is the answer.
+
+The result is the logit difference after patching, and its change relative to the clean logit
+difference (the paper's "% change"): strongly negative means the path carries the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ioi.dataset import IOIDataset
+from ioi.metrics import logit_diff
+from ioi.patching import run_with_cache
+
+Head = tuple[int, int]  # (layer, head)
+
+
+def _z_hooks(model) -> list[str]:
+    return [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+
+
+def path_patch(
+    model,
+    clean: IOIDataset,
+    corrupted: IOIDataset,
+    senders: Sequence[Head],
+    receivers: Sequence[Head] | str = "logits",
+    receiver_input: str = "q",
+    receiver_position: str | None = None,
+    caches: tuple | None = None,
+) -> torch.Tensor:
+    """Per-prompt logit difference after patching the path senders -> receivers.
+
+    `receivers` is "logits" or a list of (layer, head) whose `receiver_input` ("q", "k" or
+    "v") is patched, at every position or only at `receiver_position` (e.g. "END")."""
+    clean_z, corrupted_z = caches or (_z_cache(model, clean), _z_cache(model, corrupted))
+    senders = set(senders)
+
+    # Step 2: senders from ABC, every other head frozen to clean.
+    def freeze(z, hook):
+        layer = hook.layer()
+        z = clean_z[hook.name].clone()
+        for l, h in senders:
+            if l == layer:
+                z[:, :, h] = corrupted_z[hook.name][:, :, h]
+        return z
+
+    hooks = [(name, freeze) for name in _z_hooks(model)]
+    if receivers == "logits":
+        with torch.inference_mode():
+            return logit_diff(model.run_with_hooks(clean.tokens, fwd_hooks=hooks), clean)
+
+    inputs = {f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}
+    stored = {}
+
+    def store(act, hook):
+        stored[hook.name] = act.clone()
+
+    with torch.inference_mode():
+        model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, store) for n in sorted(inputs)])
+
+    # Step 3: only the receivers' inputs patched, everything else recomputed.
+    def patch_receivers(act, hook):
+        act = act.clone()
+        rows = torch.arange(len(clean))
+        for l, h in receivers:
+            if l != hook.layer():
+                continue
+            h = _input_head(model, h, receiver_input)
+            if receiver_position is None:
+                act[:, :, h] = stored[hook.name][:, :, h]
+            else:
+                at = clean.positions[receiver_position]
+                act[rows, at, h] = stored[hook.name][rows, at, h]
+        return act
+
+    with torch.inference_mode():
+        logits = model.run_with_hooks(clean.tokens, fwd_hooks=[(n, patch_receivers) for n in inputs])
+    return logit_diff(logits, clean)
+
+
+def _input_head(model, head: int, receiver_input: str) -> int:
+    """Under grouped-query attention a query head reads keys and values of its group."""
+    if receiver_input == "q":
+        return head
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    return head // (model.cfg.n_heads // n_kv)
+
+
+def _z_cache(model, dataset: IOIDataset) -> dict:
+    _, cache = run_with_cache(model, dataset, _z_hooks(model))
+    return {name: cache[name] for name in _z_hooks(model)}
+
+
+def path_patch_sweep(
+    model,
+    clean: IOIDataset,
+    corrupted: IOIDataset,
+    receivers: Sequence[Head] | str = "logits",
+    receiver_input: str = "q",
+    receiver_position: str | None = None,
+) -> pd.DataFrame:
+    """Each head in turn as the single sender (only heads in layers before every receiver).
+    One row per sender: mean logit difference and its change relative to the clean run."""
+    caches = (_z_cache(model, clean), _z_cache(model, corrupted))
+    with torch.inference_mode():
+        clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
+    last = model.cfg.n_layers if receivers == "logits" else min(l for l, _ in receivers)
+    senders = [(l, h) for l in range(last) for h in range(model.cfg.n_heads)]
+    rows = []
+    for sender in tqdm(senders, desc="path patching", leave=False):
+        ld = path_patch(
+            model, clean, corrupted, [sender], receivers, receiver_input, receiver_position, caches
+        ).mean().item()
+        rows.append({"layer": sender[0], "head": sender[1], "logit_diff": ld})
+    out = pd.DataFrame(rows)
+    out["relative_change"] = (out.logit_diff - clean_ld) / clean_ld
+    return out
