@@ -123,24 +123,27 @@ def patch_sweep(
     corrupted: IOIDataset,
     hook_name: Callable[[int], str],
     setter: Setter,
-    indices: Sequence[tuple],
+    items: Sequence[tuple],
     index_names: Sequence[str],
     desc: str = "patching",
     runs: dict | None = None,
 ) -> pd.DataFrame:
-    """Patch each (layer, *index) in turn; one row each with the mean logit difference and the
-    normalised metric. `runs` (from `clean_and_corrupted`) may be passed in to share a cache."""
-    layers = range(model.cfg.n_layers)
-    names = [hook_name(layer) for layer in layers]
+    """Patch each item (layer, *index) in turn; one row each with the mean logit difference and
+    the normalised metric. `runs` (from `clean_and_corrupted`) may be passed to share a cache."""
+    names = sorted({hook_name(item[0]) for item in items})
     runs = runs or clean_and_corrupted(model, clean, corrupted, names)
     rows = []
-    for layer, index in tqdm(list(itertools.product(layers, indices)), desc=desc, leave=False):
+    for layer, *index in tqdm(items, desc=desc, leave=False):
         clean_act = runs["clean_cache"][hook_name(layer)]
-        ld = patch_once(model, corrupted, hook_name(layer), clean_act, setter, index)
+        ld = patch_once(model, corrupted, hook_name(layer), clean_act, setter, tuple(index))
         rows.append({"layer": layer, **dict(zip(index_names, index)), "logit_diff": ld.mean().item()})
     out = pd.DataFrame(rows)
     out["patched_metric"] = (out.logit_diff - runs["corrupted_ld"]) / (runs["clean_ld"] - runs["corrupted_ld"])
     return out
+
+
+def _every_layer(model, indices) -> list[tuple]:
+    return [(layer, *index) for layer in range(model.cfg.n_layers) for index in indices]
 
 
 # --- The public sweeps ----------------------------------------------------------------------
@@ -150,7 +153,7 @@ def patch_residual(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2",
     """The residual stream before each layer, at each named (or absolute) position."""
     return patch_sweep(
         model, clean, corrupted, lambda l: f"blocks.{l}.hook_resid_pre", set_position,
-        [(p,) for p in positions], ["position"], "residual stream", **kw,
+        _every_layer(model, [(p,) for p in positions]), ["position"], "residual stream", **kw,
     )
 
 
@@ -158,20 +161,24 @@ def patch_layer_outputs(model, clean, corrupted, component: str = "attn", **kw):
     """A whole layer's attention output (`attn`) or MLP output (`mlp`), at every position."""
     hook = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}[component]
     out = patch_sweep(
-        model, clean, corrupted, lambda l: f"blocks.{l}.{hook}", set_all, [()], [],
+        model, clean, corrupted, lambda l: f"blocks.{l}.{hook}", set_all, _every_layer(model, [()]), [],
         f"{component} outputs", **kw,
     )
     return out.assign(component=component)
 
 
-def _head_sweep(activation: str, model, clean, corrupted, **kw):
+def _head_sweep(activation: str, model, clean, corrupted, heads=None, **kw):
+    """Each head's `activation` at every position; `heads` (layer, head) limits the sweep."""
     n_heads = model.cfg.n_heads
     if activation in ("k", "v"):  # grouped-query attention has fewer key/value heads
         n_heads = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+        if heads is not None:
+            heads = sorted({(l, h // (model.cfg.n_heads // n_heads)) for l, h in heads})
     setter = set_head_pattern if activation == "pattern" else set_head
+    items = heads if heads is not None else _every_layer(model, [(h,) for h in range(n_heads)])
     out = patch_sweep(
         model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_{activation}", setter,
-        [(h,) for h in range(n_heads)], ["head"], f"head {activation}", **kw,
+        items, ["head"], f"head {activation}", **kw,
     )
     return out.assign(activation=activation)
 
@@ -188,5 +195,6 @@ def patch_head_outputs_by_position(model, clean, corrupted, positions=("S1", "S1
     heads = range(model.cfg.n_heads)
     return patch_sweep(
         model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_z", set_head_position,
-        list(itertools.product(heads, positions)), ["head", "position"], "heads by position", **kw,
+        _every_layer(model, list(itertools.product(heads, positions))), ["head", "position"],
+        "heads by position", **kw,
     )

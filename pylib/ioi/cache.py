@@ -1,0 +1,93 @@
+"""An on-disk results cache whose key changes whenever anything that affects a result changes.
+
+The key hashes the analysis name, its parameters, the model (its name and every weight), the
+dataset (its tokens, positions and answers) and the code (this package's source, its data
+files, and the versions of torch, transformers and TransformerLens). A stale result therefore
+has a different key and is never served. Entries are written to a temporary file and renamed,
+so a crash leaves no half-written entry; an entry that cannot be read is recomputed.
+Set IOI_NO_CACHE=1 to bypass the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from importlib.metadata import version
+from pathlib import Path
+
+import joblib
+import torch
+
+from ioi.dataset import DATA_DIR, IOIDataset
+from ioi.models import cache_root
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_model_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _hash(*parts) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+    return digest.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def model_fingerprint(model) -> str:
+    """The model's name and a digest of all its weights (computed once per model object)."""
+    if model not in _model_digests:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(_tensor_bytes(tensor))
+        _model_digests[model] = digest.hexdigest()
+    return f"{getattr(model, 'ioi_name', type(model).__name__)}:{_model_digests[model]}"
+
+
+def dataset_fingerprint(dataset: IOIDataset) -> str:
+    parts = [dataset.tokens, dataset.io_token, dataset.s_token, *dataset.positions.values()]
+    return _hash(dataset.prepend_bos, dataset.template_id.tobytes(), *map(_tensor_bytes, parts))
+
+
+def code_fingerprint() -> str:
+    files = sorted(PACKAGE_DIR.rglob("*.py")) + sorted(DATA_DIR.rglob("*.json"))
+    versions = [version(p) for p in ("torch", "transformers", "transformer-lens")]
+    return _hash(*versions, *(f.read_bytes() for f in files))
+
+
+def result_key(analysis: str, params: dict, model=None, datasets=()) -> str:
+    return _hash(
+        analysis,
+        json.dumps(params, sort_keys=True, default=str),
+        model_fingerprint(model) if model is not None else "",
+        *map(dataset_fingerprint, datasets),
+        code_fingerprint(),
+    )
+
+
+def cached(analysis: str, compute, params: dict, model=None, datasets=()):
+    """`compute()`'s result, from the cache when an entry for exactly these inputs exists."""
+    if os.environ.get("IOI_NO_CACHE") == "1":
+        return compute()
+    path = cache_root() / "results" / analysis / f"{result_key(analysis, params, model, datasets)}.joblib"
+    if path.exists():
+        try:
+            return joblib.load(path)
+        except Exception:  # unreadable or truncated: recompute rather than serve it
+            path.unlink(missing_ok=True)
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        joblib.dump(result, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return result

@@ -1,0 +1,65 @@
+"""`python -m ioi reproduce`: every analysis of the study on one model, written to a directory.
+
+Each table goes to `DIR/tables/NAME.csv`, each figure to `DIR/figures/NAME.svg`, and
+`DIR/summary.json` holds the headline numbers, the setup, and how long each analysis took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ioi import plots
+from ioi.study import Study
+
+TABLES = {
+    "baseline": lambda s: s.baseline(),
+    "baseline_summary": lambda s: s.baseline_summary(),
+    "head_attributions": lambda s: s.head_attributions(),
+    "layer_attributions": lambda s: s.layer_attributions(),
+    "logit_lens": lambda s: s.logit_lens(),
+    "residual_patching": lambda s: s.residual_patching(),
+    "layer_patching": lambda s: s.layer_patching(),
+    "head_patching": lambda s: s.head_patching("all"),
+    "head_patching_end": lambda s: s.head_patching("end"),
+    "head_scores": lambda s: s.head_scores(),
+    "circuit": lambda s: s.circuit().to_frame(),
+    "head_input_patching": lambda s: s.head_input_patching(),
+    "path_patching_to_logits": lambda s: s.path_patching_to_logits(),
+    "path_patching_to_name_movers": lambda s: s.path_patching_to_name_movers(),
+    "path_patching_to_s_inhibition": lambda s: s.path_patching_to_s_inhibition(),
+    "faithfulness_by_template": lambda s: s.faithfulness_by_template(),
+    "completeness": lambda s: s.completeness(),
+    "minimality": lambda s: s.minimality(),
+}
+
+
+def reproduce(study: Study, out: Path) -> dict:
+    """Run every analysis (cached), write tables, figures and a summary; return the summary."""
+    start = time.perf_counter()
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for name, analysis in tqdm(TABLES.items(), desc=f"reproducing on {study.config.model}"):
+        _write_atomically(out / "tables" / f"{name}.csv", analysis(study).to_csv(index=False))
+    for name, chart in plots.study_figures(study).items():
+        chart.save(str(out / "figures" / f"{name}.svg"))
+    summary = {
+        "setup": study.setup(),
+        "baseline": study.baseline_json(),
+        "faithfulness": study.faithfulness(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "seconds_per_analysis": {k: round(v, 2) for k, v in study.timings.items()},
+    }
+    _write_atomically(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

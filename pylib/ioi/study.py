@@ -1,0 +1,244 @@
+"""One IOI study: a model, its clean and ABC datasets, and every analysis of the paper, cached.
+
+The report's chapters and the command line both go through `Study`, so that they compute the
+same numbers and share one results cache: a chapter that asks for `study.head_patching()` after
+`python -m ioi reproduce` ran gets the stored table in milliseconds.
+
+    study = Study(StudyConfig(model="smollm2-135m", n=100, seed=0))
+    study.baseline_summary()       # logit difference, IO probability, IO > S, with 95% CIs
+    study.head_attributions()      # direct logit attribution per head
+    study.circuit()                # the paper's circuit on GPT-2 small, else one found the same way
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+
+from ioi import circuit as circuits
+from ioi import fast, head_scores, logit_attribution, metrics, path_patching, patching
+from ioi.cache import cached
+from ioi.dataset import corrupt, make_dataset
+from ioi.discovery import classify_heads, find_circuit
+from ioi.models import load_model
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    model: str = "gpt2-small"  # the paper's model
+    n: int = 100  # prompts; the paper's path patching uses over 200
+    seed: int = 0  # draws the prompts and the ABC names; recorded with every result
+    templates: str = "mixed"  # the paper's default: 7 BABA templates and their ABBA versions
+    prepend_bos: bool = False  # the paper's choice; TransformerLens's demos prepend one
+    n_path: int = 50  # prompts for the path-patching sweeps, the costliest analysis
+    top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
+    faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
+    device: str = "cpu"
+
+
+def _analysis(method):
+    """Cache a Study method's result under its name, the config and the study's inputs."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        params = {"config": asdict(self.config), "args": args, "kwargs": kwargs}
+        start = time.perf_counter()
+        result = cached(
+            method.__name__, lambda: method(self, *args, **kwargs), params,
+            self.model, (self.clean, self.corrupted),
+        )
+        self.timings[method.__name__] = time.perf_counter() - start
+        return result
+
+    return wrapper
+
+
+class Study:
+    def __init__(self, config: StudyConfig = StudyConfig()):
+        self.config = config
+        self.model = load_model(config.model, config.device)
+        self.clean = make_dataset(
+            self.model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos
+        )
+        self.corrupted = corrupt(self.clean, self.model.tokenizer, "abc")
+        self.timings: dict[str, float] = {}
+
+    @property
+    def path_data(self):
+        """The first `n_path` prompts and their corruptions, for path patching."""
+        keep = [i < self.config.n_path for i in range(len(self.clean))]
+        return self.clean.subset(keep), self.corrupted.subset(keep)
+
+    def setup(self) -> dict:
+        """What the report states about the setup."""
+        return {
+            "model": self.config.model,
+            "n": len(self.clean),
+            "seed": self.config.seed,
+            "bos": self.config.prepend_bos,
+            "templates": self.config.templates,
+            "n_templates": len(set(self.clean.template_id)),
+            "names_dropped": len(self.clean.names_dropped),
+            "names_dropped_list": list(self.clean.names_dropped),
+            "n_layers": self.model.cfg.n_layers,
+            "n_heads": self.model.cfg.n_heads,
+        }
+
+    # --- Baseline -----------------------------------------------------------------------------
+
+    @_analysis
+    def baseline(self) -> pd.DataFrame:
+        return metrics.per_prompt_baseline(self.model, self.clean)
+
+    def baseline_summary(self) -> pd.DataFrame:
+        return metrics.baseline_summary(self.baseline(), self.config.seed)
+
+    def baseline_json(self) -> dict:
+        """The `python -m ioi baseline --json` contract."""
+        summary = self.baseline_summary().set_index("metric")
+        ld = summary.loc["logit_diff"]
+        return {
+            "model": self.config.model,
+            "n": len(self.clean),
+            "seed": self.config.seed,
+            "logit_diff_mean": ld["mean"],
+            "logit_diff_ci95": [ld.ci_low, ld.ci_high],
+            "io_prob_mean": summary.loc["io_prob", "mean"],
+            "io_beats_s_frac": summary.loc["io_beats_s", "mean"],
+            "bos": self.config.prepend_bos,
+            "names_dropped": len(self.clean.names_dropped),
+        }
+
+    # --- Attribution --------------------------------------------------------------------------
+
+    @_analysis
+    def head_attributions(self) -> pd.DataFrame:
+        return logit_attribution.head_attributions(self.model, self.clean, self.config.seed)
+
+    @_analysis
+    def layer_attributions(self) -> pd.DataFrame:
+        return logit_attribution.layer_attributions(self.model, self.clean, self.config.seed)
+
+    @_analysis
+    def logit_lens(self) -> pd.DataFrame:
+        return logit_attribution.logit_lens(self.model, self.clean, self.config.seed)
+
+    # --- Activation patching -----------------------------------------------------------------
+
+    @_analysis
+    def residual_patching(self) -> pd.DataFrame:
+        return patching.patch_residual(self.model, self.clean, self.corrupted)
+
+    @_analysis
+    def layer_patching(self) -> pd.DataFrame:
+        attn = patching.patch_layer_outputs(self.model, self.clean, self.corrupted, "attn")
+        mlp = patching.patch_layer_outputs(self.model, self.clean, self.corrupted, "mlp")
+        return pd.concat([attn, mlp], ignore_index=True)
+
+    @_analysis
+    def head_patching(self, positions: str = "all") -> pd.DataFrame:
+        """Each head's output patched at every position ("all") or at END only ("end"),
+        computed by the fast exact engine (`ioi.fast`)."""
+        frame = fast.head_out_frame(self.model, self.clean, self.corrupted, positions)
+        clean_ld, corrupted_ld = self.clean_and_corrupted_logit_diff()
+        return frame.assign(patched_metric=metrics.normalised(frame.logit_diff, clean_ld, corrupted_ld))
+
+    @_analysis
+    def clean_and_corrupted_logit_diff(self) -> tuple[float, float]:
+        """Mean logit difference of the clean and of the ABC run: the metric's 1 and 0."""
+        clean = metrics.logit_diff_from_end(
+            metrics.run_end_logits(self.model, self.clean), self.clean.io_token, self.clean.s_token
+        )
+        corrupted = metrics.logit_diff_from_end(
+            metrics.run_end_logits(self.model, self.corrupted), self.clean.io_token, self.clean.s_token
+        )
+        return clean.mean().item(), corrupted.mean().item()
+
+    def top_heads(self, k: int | None = None) -> list[tuple[int, int]]:
+        """The heads whose all-position patching moves the metric most."""
+        table = self.head_patching()
+        table = table.assign(size=(table.patched_metric).abs()).nlargest(k or self.config.top_heads, "size")
+        return [(int(l), int(h)) for l, h in zip(table.layer, table["head"])]
+
+    @_analysis
+    def head_input_patching(self) -> pd.DataFrame:
+        """Queries, keys, values and patterns of the top heads, patched one at a time."""
+        heads = self.top_heads()
+        sweeps = [patching.patch_head_queries, patching.patch_head_keys,
+                  patching.patch_head_values, patching.patch_head_patterns]
+        return pd.concat(
+            [sweep(self.model, self.clean, self.corrupted, heads=heads) for sweep in sweeps],
+            ignore_index=True,
+        )
+
+    # --- Head classes --------------------------------------------------------------------------
+
+    @_analysis
+    def head_scores(self) -> pd.DataFrame:
+        return head_scores.head_scores(self.model, self.clean)
+
+    # --- Path patching -------------------------------------------------------------------------
+
+    @_analysis
+    def path_patching_to_logits(self) -> pd.DataFrame:
+        clean, corrupted = self.path_data
+        return path_patching.path_patch_sweep(self.model, clean, corrupted, "logits")
+
+    def name_movers(self) -> list[tuple[int, int]]:
+        return list(self.circuit().classes.get("name mover", ()))
+
+    @_analysis
+    def path_patching_to_name_movers(self) -> pd.DataFrame:
+        """Senders into the name movers' queries at END: finds the S-inhibition heads."""
+        clean, corrupted = self.path_data
+        return path_patching.path_patch_sweep(
+            self.model, clean, corrupted, self.name_movers(), "q", "END"
+        )
+
+    @_analysis
+    def path_patching_to_s_inhibition(self) -> pd.DataFrame:
+        """Senders into the S-inhibition heads' values at S2: finds induction and
+        duplicate-token heads."""
+        clean, corrupted = self.path_data
+        receivers = list(self.circuit().classes.get("S-inhibition", ()))
+        return path_patching.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
+
+    # --- The circuit ---------------------------------------------------------------------------
+
+    def circuit(self) -> circuits.Circuit:
+        """The paper's 26-head circuit for GPT-2 small; for other models, the circuit found by
+        `ioi.discovery.find_circuit` (with the paper's classes assigned from head scores)."""
+        if self.config.model == "gpt2-small":
+            return circuits.load_circuit()
+        return self.found_circuit()
+
+    def found_circuit(self) -> circuits.Circuit:
+        found = self._found_circuit_table()
+        logit_diff = self.baseline().logit_diff.mean()
+        return classify_heads(found[found.in_circuit], self.head_scores(), self.head_attributions(), logit_diff)
+
+    @_analysis
+    def _found_circuit_table(self) -> pd.DataFrame:
+        return find_circuit(
+            self.model, self.clean, self.corrupted, self.head_patching(),
+            self.config.faithfulness_target,
+        )
+
+    @_analysis
+    def faithfulness(self) -> dict:
+        return circuits.faithfulness(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
+
+    @_analysis
+    def faithfulness_by_template(self) -> pd.DataFrame:
+        return circuits.faithfulness_by_template(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
+
+    @_analysis
+    def completeness(self) -> pd.DataFrame:
+        return circuits.completeness(self.model, self.circuit(), self.clean, self.corrupted, seed=self.config.seed)
+
+    @_analysis
+    def minimality(self) -> pd.DataFrame:
+        return circuits.minimality(self.model, self.circuit(), self.clean, self.corrupted)
