@@ -152,7 +152,7 @@ def all_templates(distribution: Distribution | None = None) -> list[Template]:
     return out
 
 
-def select_templates(which: TemplateSet, distribution: Distribution | None = None) -> list[Template]:
+def select_templates(which: str, distribution: Distribution | None = None) -> list[Template]:
     """The paper's default "mixed" set is the first 7 BABA templates and their ABBA versions."""
     templates = all_templates(distribution)
     if which == "mixed":
@@ -304,7 +304,7 @@ def make_dataset(
     tokenizer,
     n: int,
     seed: int = 0,
-    templates: TemplateSet = "mixed",
+    templates: str = "mixed",  # one of TemplateSet
     prepend_bos: bool = False,
     distribution: Distribution | None = None,
 ) -> IOIDataset:

@@ -1,0 +1,76 @@
+"""The results cache: served only for exactly the same inputs, robust to broken entries."""
+
+import pytest
+import torch
+from conftest import make_pair
+
+from ioi import cache
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IOI_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("IOI_NO_CACHE", raising=False)
+    return tmp_path
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return {"value": self.calls}
+
+
+def test_same_inputs_are_served_from_the_cache(tiny_gpt2):
+    clean, corrupted = make_pair(tiny_gpt2, n=4)
+    compute = Counter()
+    first = cache.cached("analysis", compute, {"k": 1}, tiny_gpt2, (clean, corrupted))
+    second = cache.cached("analysis", compute, {"k": 1}, tiny_gpt2, (clean, corrupted))
+    assert first == second == {"value": 1} and compute.calls == 1
+
+
+def test_any_changed_input_changes_the_key(tiny_gpt2, tiny_llama):
+    """Parameters, the analysis, the model and the dataset each change the key."""
+    clean, _ = make_pair(tiny_gpt2, n=4)
+    other, _ = make_pair(tiny_gpt2, n=4, seed=1)
+    base = cache.result_key("a", {"k": 1}, tiny_gpt2, (clean,))
+    assert base == cache.result_key("a", {"k": 1}, tiny_gpt2, (clean,))
+    assert base != cache.result_key("a", {"k": 2}, tiny_gpt2, (clean,))
+    assert base != cache.result_key("b", {"k": 1}, tiny_gpt2, (clean,))
+    assert base != cache.result_key("a", {"k": 1}, tiny_gpt2, (other,))
+    assert base != cache.result_key("a", {"k": 1}, tiny_llama, (clean,))
+
+
+def test_changed_weights_change_the_fingerprint(tiny_gpt2):
+    """Editing one weight in place is a different model as far as the cache is concerned."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+    model = Wrapper()
+    before = cache.model_fingerprint(model)
+    other = Wrapper()
+    with torch.no_grad():
+        other.w[1] = 1e-6
+    assert cache.model_fingerprint(other) != before
+
+
+def test_unreadable_entry_is_recomputed(fresh_cache):
+    compute = Counter()
+    cache.cached("analysis", compute, {"k": 1})
+    (entry,) = (fresh_cache / "results" / "analysis").glob("*.joblib")
+    entry.write_bytes(b"not a joblib file")
+    assert cache.cached("analysis", compute, {"k": 1}) == {"value": 2}
+    assert cache.cached("analysis", compute, {"k": 1}) == {"value": 2}
+
+
+def test_a_failed_computation_leaves_nothing_behind(fresh_cache):
+    def broken():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cache.cached("analysis", broken, {})
+    assert not list(fresh_cache.rglob("*.joblib")) and not list(fresh_cache.rglob("*.tmp"))

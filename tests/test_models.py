@@ -1,0 +1,43 @@
+"""Model loading: known names, clear errors for bad input, offline models that work."""
+
+import pytest
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from ioi import models
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Known models: .*smollm2-135m"):
+        models.load_model("gpt-5-turbo")
+
+
+def test_hub_model_offline_fails_at_once_with_instructions(monkeypatch, tmp_path):
+    """Without the hub and without cached weights, loading says how to get the weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelUnavailableError, match="(?s)save_pretrained.*smollm2-135m"):
+        models.load_model("gpt2-medium")
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(models.ModelUnavailableError, match="no config.json"):
+        models.load_model(str(tmp_path))
+
+
+def test_random_gpt2_has_the_paper_models_shape():
+    """gpt2-small-random: 12 layers x 12 heads, d_model 768, GPT-2's tokenizer (" Mary" = 5335)."""
+    model = models.load_model("gpt2-small-random")
+    assert (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model) == (12, 12, 768)
+    assert model.tokenizer(" Mary", add_special_tokens=False)["input_ids"] == [5335]
+
+
+def test_local_directory_loads(tmp_path):
+    """A saved Hugging Face directory loads by its path and computes what the in-memory
+    model computes."""
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory()).save_pretrained(tmp_path)
+    from_disk = models.load_model(str(tmp_path))
+    in_memory = models.from_hf_model(GPT2LMHeadModel.from_pretrained(tmp_path), tmp_path)
+    tokens = from_disk.to_tokens("When Mary and John went to the store, John gave a drink to")
+    assert (from_disk(tokens) - in_memory(tokens)).abs().max() < 1e-4
