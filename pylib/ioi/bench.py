@@ -1,0 +1,193 @@
+"""`ioi bench`: how much faster the exact sweeps of `ioi.fast` and attribution patching are.
+
+- `bench patching`: our head-output sweep against TransformerLens's own activation patching on
+  the same model, prompts and metric, in the same process. All positions: against
+  `transformer_lens.patching.get_act_patch_attn_head_out_all_pos`. END only: TransformerLens has
+  no per-prompt-END sweep (its `..._by_pos` patches one absolute position in every prompt, and
+  IOI prompts end at different positions), so the baseline is its `generic_activation_patch`
+  over (layer, head) with a patch setter that writes each prompt's END row: the same machinery,
+  one bridge forward per head.
+- `bench attribution`: attribution patching against our exact all-position sweep.
+- `bench scaling`: our sweep's time against the number of prompts and GPT-2's four sizes
+  (random weights of each shape: the time depends on the shape, not on the values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from ioi import fast
+from ioi.dataset import corrupt, make_dataset
+from ioi.metrics import logit_diff
+
+GPT2_SHAPES = {  # name -> (n_layer, n_head, n_embd)
+    "gpt2-small": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+def register(subparsers) -> None:
+    """Add `bench patching | attribution | scaling` to the CLI's subcommands."""
+    bench = subparsers.add_parser("bench", help="time the fast patching engines")
+    which = bench.add_subparsers(dest="bench_command", required=True)
+
+    patching = which.add_parser("patching", help="our head sweep vs TransformerLens's patching")
+    _common(patching, "gpt2-small-random", 20)
+    patching.add_argument("--positions", choices=("all", "end"), default="all")
+    patching.set_defaults(func=lambda a: _emit(bench_patching(a.model, a.n, a.positions, a.seed), a))
+
+    attribution = which.add_parser("attribution", help="attribution patching vs the exact sweep")
+    _common(attribution, "smollm2-135m", 50)
+    attribution.set_defaults(func=lambda a: _emit(bench_attribution(a.model, a.n, a.seed), a))
+
+    scaling = which.add_parser("scaling", help="our sweep's time vs prompts and GPT-2 size")
+    scaling.add_argument("--ns", type=int, nargs="+", default=[10, 20, 50, 100])
+    scaling.add_argument("--sizes", nargs="+", default=list(GPT2_SHAPES), choices=list(GPT2_SHAPES))
+    scaling.add_argument("--n", type=int, default=20, help="prompts for the size sweep")
+    scaling.add_argument("--positions", choices=("all", "end"), default="all")
+    scaling.add_argument("--seed", type=int, default=0)
+    scaling.add_argument("--json", action="store_true")
+    scaling.set_defaults(
+        func=lambda a: _emit(bench_scaling(a.ns, a.sizes, a.n, a.positions, a.seed), a)
+    )
+
+
+def _common(parser, model: str, n: int) -> None:
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--n", type=int, default=n, help="number of prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def _emit(result, args) -> None:
+    if args.json:
+        print(json.dumps(result))
+        return
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pair(model, n: int, seed: int):
+    clean = make_dataset(model.tokenizer, n, seed=seed)
+    return clean, corrupt(clean, model.tokenizer)
+
+
+def _load(model_or_name):
+    from ioi.models import load_model
+
+    return load_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def tl_head_out_baseline(model, clean, corrupted, positions: fast.Positions = "all"):
+    """TransformerLens's head-output patching, one bridge forward per head, mean logit diff."""
+    import transformer_lens.patching as tlp
+
+    metric = lambda logits: logit_diff(logits, clean).mean()  # noqa: E731
+    with torch.inference_mode():
+        _, clean_cache = model.run_with_cache(clean.tokens)
+    if positions == "all":
+        return tlp.get_act_patch_attn_head_out_all_pos(model, corrupted.tokens, clean_cache, metric)
+    rows = torch.arange(len(clean))
+
+    def patch_end(corrupted_z, index, clean_z):
+        _, head = index
+        corrupted_z[rows, clean.end, head] = clean_z[rows, clean.end, head]
+        return corrupted_z
+
+    return tlp.generic_activation_patch(
+        model, corrupted.tokens, clean_cache, metric, patch_end, "z", index_axis_names=("layer", "head")
+    )
+
+
+TL_BASELINES = {
+    "all": "transformer_lens.patching.get_act_patch_attn_head_out_all_pos",
+    "end": "transformer_lens.patching.generic_activation_patch over (layer, head), patching hook_z at each prompt's END",
+}
+
+
+def bench_patching(model="gpt2-small-random", n: int = 20, positions: fast.Positions = "all", seed: int = 0) -> dict:
+    """Time our head-output sweep and TransformerLens's on the same model and prompts."""
+    model = _load(model)
+    clean, corrupted = _pair(model, n, seed)
+    fast.as_fast(model)  # extracting the weights once per model is not part of a sweep
+    ours, ours_s = _timed(lambda: fast.head_out_sweep(
+        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, positions=positions
+    ))
+    theirs, baseline_s = _timed(lambda: tl_head_out_baseline(model, clean, corrupted, positions))
+    return {
+        "model": getattr(model, "ioi_name", type(model).__name__),
+        "n": n,
+        "positions": positions,
+        "baseline": TL_BASELINES[positions],
+        "ours_s": ours_s,
+        "baseline_s": baseline_s,
+        "speedup": baseline_s / ours_s,
+        "max_abs_diff": float((ours.double() - theirs.double()).abs().max()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def bench_attribution(model="smollm2-135m", n: int = 50, seed: int = 0) -> dict:
+    """Attribution patching against our exact all-position head sweep."""
+    from ioi.attribution_patching import compare_with_exact
+
+    model = _load(model)
+    clean, corrupted = _pair(model, n, seed)
+    fast.as_fast(model)
+    result = compare_with_exact(model, clean, corrupted)
+    return {"model": getattr(model, "ioi_name", "?"), "n": n, **result}
+
+
+def random_gpt2(size: str):
+    """A bridge with GPT-2 `size`'s shape and seeded random weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ioi.models import from_hf_model, gpt2_tokenizer_directory
+
+    n_layer, n_head, n_embd = GPT2_SHAPES[size]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    bridge = from_hf_model(hf, gpt2_tokenizer_directory())
+    bridge.ioi_name = f"{size}-shape-random"
+    return bridge
+
+
+def bench_scaling(
+    ns=(10, 20, 50, 100), sizes=tuple(GPT2_SHAPES), n: int = 20, positions: fast.Positions = "all", seed: int = 0
+) -> list[dict]:
+    """Our sweep's time against the number of prompts (GPT-2 small's shape) and model size."""
+    from tqdm import tqdm
+
+    rows = []
+    jobs = [("gpt2-small", k) for k in ns] + [(size, n) for size in sizes]
+    for size, k in tqdm(jobs, desc="bench scaling", file=sys.stderr):
+        model = random_gpt2(size)
+        clean, corrupted = _pair(model, k, seed)
+        w = fast.as_fast(model)
+        _, seconds = _timed(lambda: fast.head_out_sweep(
+            w, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, positions=positions
+        ))
+        rows.append({
+            "shape": size, "n_layers": w.n_layers, "n_heads": w.n_heads, "d_model": w.W_E.shape[1],
+            "n": k, "positions": positions, "ours_s": seconds, "per_head_ms": 1000 * seconds / (w.n_layers * w.n_heads),
+        })
+    return rows

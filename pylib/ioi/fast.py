@@ -1,0 +1,557 @@
+"""Exact activation patching, fast: recompute only what a patch can change.
+
+Activation patching (Wang et al. 2022, §3; Meng et al. 2022) asks how much of a behaviour one
+component carries: run the model on corrupted prompts, overwrite one component's activation with
+its value from the clean run, and read the metric (here logit(IO) - logit(S) at END). Following
+`transformer_lens.patching`, we patch CLEAN activations into the CORRUPTED run ("denoising") and
+return the metric after each patch. Done naively that is one full forward per component: 144
+forwards for GPT-2 small's heads, each paying for every layer, every position and a 50,257-wide
+unembedding. Almost all of that work repeats the corrupted run. This module only does the rest:
+
+1. The model as plain tensors. `FastModel` holds the weights the `TransformerBridge` exposes in
+   compatibility mode (layer norms folded into the next linear map, writing weights and the
+   unembedding centred, value biases folded into the output bias), so its forward is a handful of
+   short functions: `embed`, `norm` (LayerNorm or RMSNorm without weights), `attention` (grouped
+   query heads, rotary or learned positions) and `mlp` (GELU or SwiGLU). It reproduces the
+   bridge's logits to float rounding; `tests/test_fast.py` checks it against TransformerLens.
+2. One corrupted forward, cached. A patch at layer L leaves layers < L untouched, so every sweep
+   starts from the cached corrupted residual stream at layer L.
+3. Only the rows that change. A model is causal: a patch confined to positions >= p cannot change
+   positions < p. `run_rows` therefore carries only the changed rows (a suffix of positions, or
+   just END) through the later layers; they attend to the cached corrupted keys and values of all
+   other positions, with the changed rows' own keys and values recomputed. Patching a head's
+   output at END only needs one row per prompt; patching it at all positions needs the positions
+   from the first token where the clean and corrupted prompts differ up to the last END.
+4. Only the logits we read. The logit difference needs two columns of the unembedding,
+   W_U[:, IO] - W_U[:, S], after the final norm, at END, never the whole vocabulary.
+5. Many patches per forward. The variants of one layer (one per head, or per position) are
+   stacked along the batch axis, since a few large matrix products beat many small ones on a CPU.
+
+Every sweep returns the raw mean logit difference per component (`per_prompt=True` keeps the
+prompt axis); normalise with `ioi.metrics.normalised`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+MAX_ROTARY_POSITIONS = 2048  # rotary tables are precomputed up to here; IOI prompts are ~20 tokens
+Positions = Literal["all", "end"]
+
+
+# --- The model as tensors --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One transformer block's compatibility-mode weights (TransformerLens shapes)."""
+
+    W_Q: Float[Tensor, "head d_model d_head"]
+    b_Q: Float[Tensor, "head d_head"]
+    W_K: Float[Tensor, "kv_head d_model d_head"]
+    b_K: Float[Tensor, "kv_head d_head"]
+    W_V: Float[Tensor, "kv_head d_model d_head"]
+    b_V: Float[Tensor, "kv_head d_head"]
+    W_O: Float[Tensor, "head d_head d_model"]
+    b_O: Float[Tensor, " d_model"]
+    W_in: Float[Tensor, "d_model d_mlp"]
+    b_in: Float[Tensor, " d_mlp"]
+    W_gate: Float[Tensor, "d_model d_mlp"] | None  # SwiGLU's gate; None for a plain MLP
+    W_out: Float[Tensor, "d_mlp d_model"]
+    b_out: Float[Tensor, " d_model"]
+
+
+@dataclass(frozen=True)
+class FastModel:
+    layers: tuple[Layer, ...]
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"] | None  # learned positions (GPT-2); None with rotary
+    rotary_cos: Float[Tensor, "n_ctx d_head"] | None  # rotary tables (Llama); None otherwise
+    rotary_sin: Float[Tensor, "n_ctx d_head"] | None
+    W_U: Float[Tensor, "d_model d_vocab"]
+    b_U: Float[Tensor, " d_vocab"]
+    norm_type: Literal["LN", "RMS"]
+    eps: float
+    act_fn: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self.layers[0].W_Q.shape[0]
+
+
+def from_bridge(bridge) -> FastModel:
+    # ordinary (not inference-mode) tensors, so that attribution patching can backpropagate
+    with torch.inference_mode(False), torch.no_grad():
+        return _from_bridge(bridge)
+
+
+def _from_bridge(bridge) -> FastModel:
+    """The weights of a `TransformerBridge` in compatibility mode, as a `FastModel`.
+
+    The bridge's stacked properties (`W_Q`, ... `W_U`) are exactly the processed weights its own
+    forward uses; bias-free models (Llama) expose no biases, so those are zeros here."""
+    cfg = bridge.cfg
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
+        raise NotImplementedError(f"normalization_type {cfg.normalization_type!r}")
+    stacked = {name: _stacked(bridge, name) for name in Layer.__dataclass_fields__}
+    layers = tuple(
+        Layer(**{name: _layer_weight(stacked, name, i, bridge) for name in stacked})
+        for i in range(cfg.n_layers)
+    )
+    rotary = cfg.positional_embedding_type == "rotary"
+    cos, sin = _rotary_tables(bridge) if rotary else (None, None)
+    return FastModel(
+        layers=layers,
+        W_E=bridge.W_E.detach(),
+        W_pos=None if rotary else bridge.W_pos.detach(),
+        rotary_cos=cos,
+        rotary_sin=sin,
+        W_U=bridge.W_U.detach(),
+        b_U=_stacked(bridge, "b_U") if hasattr(bridge, "b_U") else torch.zeros_like(bridge.W_U[0]),
+        norm_type="RMS" if cfg.normalization_type.startswith("RMS") else "LN",
+        eps=float(cfg.eps),
+        act_fn=str(cfg.act_fn),
+    )
+
+
+def as_fast(model_or_fast) -> FastModel:
+    """A `FastModel` for a bridge (built once and kept on it) or the `FastModel` itself."""
+    if isinstance(model_or_fast, FastModel):
+        return model_or_fast
+    fast = getattr(model_or_fast, "_ioi_fast_model", None)
+    if fast is None:
+        fast = from_bridge(model_or_fast)
+        model_or_fast._ioi_fast_model = fast  # weights are frozen in eval, so cache per bridge
+    return fast
+
+
+def _stacked(bridge, name: str) -> Tensor | None:
+    try:
+        return getattr(bridge, name).detach()
+    except AttributeError:  # the bridge raises for parameters a bias-free checkpoint lacks
+        return None
+
+
+def _layer_weight(stacked: dict, name: str, i: int, bridge) -> Tensor | None:
+    if stacked[name] is not None:
+        return stacked[name][i]
+    if name == "W_gate":
+        return None
+    # a bias-free checkpoint: the missing bias is zero, shaped like the matching weight's output
+    weight = {"b_Q": "W_Q", "b_K": "W_K", "b_V": "W_V", "b_in": "W_in"}.get(name)
+    shape = stacked[weight][i].shape[:-2] + stacked[weight][i].shape[-1:] if weight else (bridge.cfg.d_model,)
+    return torch.zeros(shape, dtype=bridge.W_E.dtype, device=bridge.W_E.device)
+
+
+def _rotary_tables(bridge) -> tuple[Tensor, Tensor]:
+    """cos and sin per position from the Hugging Face model's own rotary module, so that any
+    base frequency or scaling it uses is reproduced exactly."""
+    rotary = bridge.original_model.model.rotary_emb
+    n = min(int(bridge.cfg.n_ctx), MAX_ROTARY_POSITIONS)
+    dtype = bridge.W_E.dtype
+    probe = torch.zeros(1, n, 1, dtype=dtype, device=bridge.W_E.device)
+    cos, sin = rotary(probe, torch.arange(n, device=probe.device)[None])
+    return cos[0].to(dtype).detach(), sin[0].to(dtype).detach()
+
+
+# --- The forward, a function at a time -------------------------------------------------------
+
+
+def embed(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    resid = fast.W_E[tokens]
+    if fast.W_pos is not None:
+        resid = resid + fast.W_pos[: tokens.shape[1]]
+    return resid
+
+
+def norm(fast: FastModel, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """LayerNorm or RMSNorm with the scale folded away (it lives in the next weights)."""
+    if fast.norm_type == "LN":
+        x = x - x.mean(-1, keepdim=True)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fast.eps)
+
+
+def rotate(fast: FastModel, x: Float[Tensor, "batch row head d_head"], pos: Int[Tensor, "batch row"]):
+    """Rotary position embedding, Hugging Face's half-split convention."""
+    if fast.rotary_cos is None:
+        return x
+    cos, sin = fast.rotary_cos[pos][:, :, None], fast.rotary_sin[pos][:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def keys_values(
+    fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"], pos: Int[Tensor, "batch row"]
+) -> tuple[Float[Tensor, "batch row kv_head d_head"], Float[Tensor, "batch row kv_head d_head"]]:
+    k = torch.einsum("brd,hde->brhe", x, layer.W_K) + layer.b_K
+    v = torch.einsum("brd,hde->brhe", x, layer.W_V) + layer.b_V
+    return rotate(fast, k, pos), v
+
+
+def attention_z(
+    fast: FastModel,
+    layer: Layer,
+    x: Float[Tensor, "batch row d_model"],
+    pos: Int[Tensor, "batch row"],
+    k: Float[Tensor, "batch key kv_head d_head"],
+    v: Float[Tensor, "batch key kv_head d_head"],
+) -> Float[Tensor, "batch row head d_head"]:
+    """Each row's heads attend causally (keys at positions <= the row's position) over `k`, `v`."""
+    q = rotate(fast, torch.einsum("brd,hde->brhe", x, layer.W_Q) + layer.b_Q, pos)
+    group = q.shape[2] // k.shape[2]  # grouped-query attention: query head h reads kv head h//group
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
+    future = torch.arange(k.shape[1], device=pos.device)[None, None, None] > pos[:, None, :, None]
+    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return torch.einsum("bhrk,bkhe->brhe", pattern, v)
+
+
+def head_out(layer: Layer, z: Float[Tensor, "batch row head d_head"]) -> Float[Tensor, "batch row d_model"]:
+    return torch.einsum("brhe,hed->brd", z, layer.W_O) + layer.b_O
+
+
+def mlp(fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"]) -> Float[Tensor, "batch row d_model"]:
+    pre = x @ layer.W_in + layer.b_in
+    if layer.W_gate is not None:  # SwiGLU: act(gate) * up
+        return (_act(fast, x @ layer.W_gate) * pre) @ layer.W_out + layer.b_out
+    return _act(fast, pre) @ layer.W_out + layer.b_out
+
+
+def _act(fast: FastModel, x: Tensor) -> Tensor:
+    if fast.act_fn in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return F.gelu(x, approximate="tanh")
+    if fast.act_fn == "gelu":
+        return F.gelu(x)
+    if fast.act_fn in ("silu", "swish"):
+        return F.silu(x)
+    if fast.act_fn == "relu":
+        return F.relu(x)
+    raise NotImplementedError(f"activation {fast.act_fn!r}")
+
+
+def logit_diff_at(
+    fast: FastModel,
+    resid: Float[Tensor, "batch d_model"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+) -> Float[Tensor, " batch"]:
+    """logit(IO) - logit(S) from the final residual stream, two unembedding columns only."""
+    direction = fast.W_U[:, io_token].T - fast.W_U[:, s_token].T
+    return (norm(fast, resid) * direction).sum(-1) + fast.b_U[io_token] - fast.b_U[s_token]
+
+
+@dataclass(frozen=True)
+class Cache:
+    """A full forward's activations per layer, what the sweeps start from and attend to."""
+
+    resid_pre: tuple[Tensor, ...]  # each [batch pos d_model]
+    resid_mid: tuple[Tensor, ...]
+    z: tuple[Tensor, ...]  # each [batch pos head d_head]
+    k: tuple[Tensor, ...]  # each [batch pos kv_head d_head], rotated
+    v: tuple[Tensor, ...]
+    attn_out: tuple[Tensor, ...]
+    mlp_out: tuple[Tensor, ...]
+    resid_final: Tensor
+
+
+def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Cache:
+    """The full forward, keeping every activation a sweep needs."""
+    pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    acts = {name: [] for name in ("resid_pre", "resid_mid", "z", "k", "v", "attn_out", "mlp_out")}
+    resid = embed(fast, tokens)
+    for layer in fast.layers:
+        x = norm(fast, resid)
+        k, v = keys_values(fast, layer, x, pos)
+        z = attention_z(fast, layer, x, pos, k, v)
+        attn_out = head_out(layer, z)
+        mid = resid + attn_out
+        mlp_out = mlp(fast, layer, norm(fast, mid))
+        for name, value in zip(acts, (resid, mid, z, k, v, attn_out, mlp_out)):
+            acts[name].append(value)
+        resid = mid + mlp_out
+    return Cache(**{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
+
+
+def logits(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """Full logits, for checking `FastModel` against the bridge."""
+    return norm(fast, run_with_cache(fast, tokens).resid_final) @ fast.W_U + fast.b_U
+
+
+def end_logit_diff(
+    fast: FastModel,
+    tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+) -> Float[Tensor, " batch"]:
+    final = run_with_cache(fast, tokens).resid_final
+    return logit_diff_at(fast, final[torch.arange(len(end)), end], io_token, s_token)
+
+
+# --- Recomputing only the rows a patch changes -----------------------------------------------
+
+
+def run_rows(
+    fast: FastModel,
+    cache: Cache,
+    start_layer: int,
+    resid_mid: Float[Tensor, "n row d_model"],
+    prompt: Int[Tensor, " n"],
+    pos: Int[Tensor, "n row"],
+    end_row: Int[Tensor, " n"],
+) -> Float[Tensor, "n d_model"]:
+    """Carry changed rows from layer `start_layer`'s residual after attention to the final
+    residual at END (row `end_row` of each variant).
+
+    Row r of variant n sits at absolute position pos[n, r] of prompt prompt[n]. Every position
+    not among the rows is unchanged by the patch, so its keys and values are the cached corrupted
+    ones; the rows' own keys and values are recomputed and written over them. After the last
+    layer's keys and values only END is needed, so the last attention and MLP run on END alone."""
+    n_idx = torch.arange(len(prompt), device=pos.device)
+    last = fast.n_layers - 1
+    resid = resid_mid
+    for i in range(start_layer, fast.n_layers):
+        layer = fast.layers[i]
+        if i > start_layer:
+            x = norm(fast, resid)
+            k, v = _with_rows(fast, layer, cache.k[i], cache.v[i], x, prompt, pos)
+            if i == last:
+                x, resid, pos = x[n_idx, end_row, None], resid[n_idx, end_row, None], pos[n_idx, end_row, None]
+            resid = resid + head_out(layer, attention_z(fast, layer, x, pos, k, v))
+        elif i == last:
+            resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
+        resid = resid + mlp(fast, layer, norm(fast, resid))
+    return resid[:, 0] if resid.shape[1] == 1 else resid[n_idx, end_row]
+
+
+def _with_rows(fast, layer, cached_k, cached_v, x, prompt, pos):
+    """The cached keys and values of each variant's prompt, with its rows' recomputed."""
+    k_rows, v_rows = keys_values(fast, layer, x, pos)
+    k, v = cached_k[prompt], cached_v[prompt]  # advanced indexing copies, so writing is safe
+    n_idx = torch.arange(len(prompt), device=pos.device)[:, None]
+    k[n_idx, pos], v[n_idx, pos] = k_rows, v_rows
+    return k, v
+
+
+@dataclass(frozen=True)
+class Task:
+    """A clean/corrupted pair and both runs' caches: what every sweep starts from."""
+
+    fast: FastModel
+    clean: Cache
+    corrupted: Cache
+    clean_tokens: Tensor
+    corrupted_tokens: Tensor
+    end: Tensor
+    io_token: Tensor
+    s_token: Tensor
+
+    @property
+    def batch(self) -> int:
+        return len(self.end)
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean_tokens.shape[1]
+
+    def first_change(self, prompts: Tensor) -> int:
+        """The first position where these clean and corrupted prompts differ: no patch can
+        change anything before it (the activations there are the same in both runs)."""
+        differs = (self.clean_tokens[prompts] != self.corrupted_tokens[prompts]).any(0).nonzero()
+        return int(differs[0]) if len(differs) else int(self.end[prompts].max())
+
+
+def prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token) -> Task:
+    fast = as_fast(model_or_fast)
+    if clean_tokens.shape != corrupted_tokens.shape:
+        raise ValueError("clean and corrupted prompts must have the same shape, position by position")
+    with torch.inference_mode():
+        clean, corrupted = run_with_cache(fast, clean_tokens), run_with_cache(fast, corrupted_tokens)
+    return Task(fast, clean, corrupted, clean_tokens, corrupted_tokens, end, io_token, s_token)
+
+
+def _rows(task: Task, prompts: Tensor, n_var: int, start: int | None):
+    """Which prompt each of n_var x len(prompts) variants belongs to, its rows' positions
+    (`start` to the last END, or END alone when start is None) and END's row."""
+    prompt = prompts.repeat(n_var)
+    end = task.end[prompt]
+    if start is None:
+        return prompt, end[:, None], torch.zeros_like(end)
+    pos = torch.arange(start, int(end.max()) + 1).expand(len(prompt), -1)
+    return prompt, pos, (end - start).clamp(min=0)  # END < start: see _logit_diff
+
+
+def _resid_mid_patched(
+    task: Task, layer: int, prompts: Tensor, deltas: Float[Tensor, "variant batch pos d_model"], start: int | None
+) -> Float[Tensor, "variant batch"]:
+    """Logit difference at END after adding each variant's delta to layer `layer`'s residual
+    after attention (a head's or the attention layer's output change) and running on."""
+    n_var = deltas.shape[0]
+    prompt, pos, end_row = _rows(task, prompts, n_var, start)
+    rows = torch.arange(len(prompt))[:, None]
+    resid = task.corrupted.resid_mid[layer][prompt[:, None], pos] + deltas.flatten(0, 1)[rows, pos]
+    final = run_rows(task.fast, task.corrupted, layer, resid, prompt, pos, end_row)
+    return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
+
+
+def _resid_pre_patched(
+    task: Task, layer: int, prompts: Tensor, resid_pre: Float[Tensor, "variant batch pos d_model"], start: int
+) -> Float[Tensor, "variant batch"]:
+    """Logit difference at END for residual streams before `layer` that differ from the
+    corrupted run's at positions >= `start` only."""
+    n_var = resid_pre.shape[0]
+    prompt, pos, end_row = _rows(task, prompts, n_var, start)
+    resid = resid_pre.flatten(0, 1)[torch.arange(len(prompt))[:, None], pos]
+    if layer == task.fast.n_layers:
+        final = resid[torch.arange(len(prompt)), end_row]
+        return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
+    lw = task.fast.layers[layer]
+    x = norm(task.fast, resid)
+    k, v = _with_rows(task.fast, lw, task.corrupted.k[layer], task.corrupted.v[layer], x, prompt, pos)
+    mid = resid + head_out(lw, attention_z(task.fast, lw, x, pos, k, v))
+    final = run_rows(task.fast, task.corrupted, layer, mid, prompt, pos, end_row)
+    return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
+
+
+def _logit_diff(task: Task, final: Tensor, prompt: Tensor, start: int | None) -> Tensor:
+    patched = logit_diff_at(task.fast, final, task.io_token[prompt], task.s_token[prompt])
+    if start is None:
+        return patched
+    # a prompt that ends before the patched position is not changed by it
+    return torch.where(task.end[prompt] < start, _unpatched(task)[prompt], patched)
+
+
+def _unpatched(task: Task) -> Float[Tensor, " batch"]:
+    final = task.corrupted.resid_final[torch.arange(task.batch), task.end]
+    return logit_diff_at(task.fast, final, task.io_token, task.s_token)
+
+
+def _length_groups(task: Task) -> list[Tensor]:
+    """Prompts grouped by END, so that no row is spent on another prompt's padding."""
+    return [(task.end == e).nonzero()[:, 0] for e in task.end.unique()]
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.inference_mode()
+def head_out_sweep(
+    model_or_fast,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    positions: Positions = "all",
+    batch_size: int = 512,
+    per_prompt: bool = False,
+) -> Float[Tensor, "layer head *batch"]:
+    """Logit difference at END after patching each head's clean output (`hook_z`) into the
+    corrupted run, at all positions (as TransformerLens's `get_act_patch_attn_head_out_all_pos`)
+    or at each prompt's own END only. `batch_size` bounds the patched prompts run at once."""
+    task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
+    fast = task.fast
+    out = torch.empty(fast.n_layers, fast.n_heads, task.batch, dtype=fast.W_E.dtype)
+    # END-only patches change one row per prompt, whatever its length: no need to group.
+    groups = [torch.arange(task.batch)] if positions == "end" else _length_groups(task)
+    for prompts in groups:
+        start = None if positions == "end" else task.first_change(prompts)
+        heads_per_chunk = max(1, batch_size // len(prompts))
+        for i, layer in enumerate(fast.layers):
+            dz = task.clean.z[i][prompts] - task.corrupted.z[i][prompts]  # [batch pos head d_head]
+            for heads in _chunks(fast.n_heads, heads_per_chunk):
+                # patching a head's z adds (clean z - corrupted z) @ W_O to the attention output
+                deltas = torch.einsum("bphe,hed->hbpd", dz[:, :, heads], layer.W_O[heads])
+                out[i, heads][:, prompts] = _resid_mid_patched(task, i, prompts, deltas, start)
+    return out if per_prompt else out.mean(-1)
+
+
+@torch.inference_mode()
+def resid_sweep(
+    model_or_fast,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    component: Literal["resid_pre", "attn_out", "mlp_out"] = "resid_pre",
+    per_prompt: bool = False,
+) -> Float[Tensor, "layer pos *batch"]:
+    """Logit difference at END after patching a clean activation into the corrupted run at one
+    absolute position, per layer: the residual stream before the layer (`resid_pre`, as
+    TransformerLens's `get_act_patch_resid_pre`), or the layer's `attn_out` or `mlp_out`
+    (`get_act_patch_attn_out`, `get_act_patch_mlp_out`)."""
+    task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
+    fast, everyone = task.fast, torch.arange(task.batch)
+    out = torch.empty(fast.n_layers, task.n_pos, task.batch, dtype=fast.W_E.dtype)
+    # Patches before the first difference or after the last END change nothing we read.
+    out[:] = _unpatched(task)
+    for i in range(fast.n_layers):
+        for p in range(task.first_change(everyone), int(task.end.max()) + 1):
+            out[i, p] = _position_patch(task, component, i, p)[0]
+    return out if per_prompt else out.mean(-1)
+
+
+def _position_patch(task: Task, component: str, layer: int, p: int) -> Float[Tensor, "1 batch"]:
+    """One layer's clean `component` patched in at position p, all prompts at once."""
+    everyone = torch.arange(task.batch)
+    clean, corrupted = task.clean, task.corrupted
+    if component == "resid_pre":
+        patched = corrupted.resid_pre[layer].clone()
+        patched[:, p] = clean.resid_pre[layer][:, p]
+        return _resid_pre_patched(task, layer, everyone, patched[None], p)
+    diff = torch.zeros_like(corrupted.resid_pre[layer])
+    diff[:, p] = getattr(clean, component)[layer][:, p] - getattr(corrupted, component)[layer][:, p]
+    if component == "attn_out":
+        return _resid_mid_patched(task, layer, everyone, diff[None], p)
+    # an MLP-output patch is a change to the residual stream before the next layer
+    after = corrupted.resid_pre[layer + 1] if layer + 1 < task.fast.n_layers else corrupted.resid_final
+    return _resid_pre_patched(task, layer + 1, everyone, (after + diff)[None], p)
+
+
+# --- Tidy results for the report -------------------------------------------------------------
+
+
+def sweep_frame(values: Float[Tensor, "layer component"], component: Literal["head", "pos"]) -> pd.DataFrame:
+    """A [layer, head] or [layer, pos] sweep as rows (layer, head | pos, logit_diff)."""
+    layers, comps = torch.meshgrid(
+        torch.arange(values.shape[0]), torch.arange(values.shape[1]), indexing="ij"
+    )
+    return pd.DataFrame(
+        {
+            "layer": layers.flatten().numpy(),
+            component: comps.flatten().numpy(),
+            "logit_diff": values.detach().flatten().double().numpy(),
+        }
+    )
+
+
+def head_out_frame(model, clean, corrupted, positions: Positions = "all", **kwargs) -> pd.DataFrame:
+    """`head_out_sweep` on two `IOIDataset`s, as a tidy frame (layer, head, logit_diff)."""
+    values = head_out_sweep(
+        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token,
+        positions=positions, **kwargs,
+    )
+    return sweep_frame(values, "head")
+
+
+def resid_frame(model, clean, corrupted, **kwargs) -> pd.DataFrame:
+    """`resid_sweep` on two `IOIDataset`s, as a tidy frame (layer, pos, logit_diff)."""
+    values = resid_sweep(
+        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, **kwargs
+    )
+    return sweep_frame(values, "pos")

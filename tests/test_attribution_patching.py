@@ -1,0 +1,79 @@
+"""Attribution patching: its gradients are the bridge's, and it is the first-order effect."""
+
+import torch
+
+from conftest import make_pair
+from ioi import fast
+from ioi.attribution_patching import attribute, compare_with_exact, top_k_overlap
+from ioi.metrics import logit_diff
+
+
+def _args(clean, corrupted):
+    return clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token
+
+
+def _bridge_attribution(model, clean, corrupted):
+    """(clean z - corrupted z) . dM/dz from the bridge's own hooks and autograd."""
+    with torch.inference_mode():
+        _, clean_cache = model.run_with_cache(clean.tokens)
+    kept = {}
+
+    def keep(z, hook):
+        z.retain_grad()
+        kept[hook.name] = z
+        return z
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=[(lambda name: name.endswith("attn.hook_z"), keep)])
+        logit_diff(logits, clean).mean().backward()
+    return torch.stack([
+        torch.einsum("bphe,bphe->ph", clean_cache[f"blocks.{i}.attn.hook_z"] - kept[f"blocks.{i}.attn.hook_z"].detach(),
+                     kept[f"blocks.{i}.attn.hook_z"].grad)
+        for i in range(model.cfg.n_layers)
+    ])
+
+
+def test_head_attribution_equals_the_bridges_gradient_product(tiny_model):
+    clean, corrupted = make_pair(tiny_model, n=6)
+    ours = attribute(tiny_model, *_args(clean, corrupted))
+    expected = _bridge_attribution(tiny_model, clean, corrupted)
+    torch.testing.assert_close(ours.head_pos, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attribution_is_the_first_order_effect_of_a_small_patch(tiny_model):
+    """Scale every clean-minus-corrupted difference down by eps: the exact effect of the patch
+    becomes linear in it, and attribution patching is then exact up to O(eps^2)."""
+    clean, corrupted = make_pair(tiny_model, n=6)
+    w = fast.as_fast(tiny_model)
+    task = fast.prepare(w, *_args(clean, corrupted))
+    approx = attribute(w, *_args(clean, corrupted))
+    eps, everyone = 1e-3, torch.arange(len(clean))
+    for layer in (0, w.n_layers - 1):
+        for head in range(w.n_heads):
+            dz = eps * (task.clean.z[layer] - task.corrupted.z[layer])[:, :, head]
+            delta = torch.einsum("bpe,ed->bpd", dz, w.layers[layer].W_O[head])[None]
+            with torch.inference_mode():
+                exact = fast._resid_mid_patched(task, layer, everyone, delta, 0).mean() - approx.corrupted_logit_diff
+            estimate = eps * approx.head_pos[layer, :, head].sum()
+            torch.testing.assert_close(exact.double(), estimate.double(), atol=1e-6 + 1e-2 * abs(float(estimate)), rtol=0)
+
+
+def test_resid_attribution_vanishes_before_the_first_difference(tiny_model):
+    clean, corrupted = make_pair(tiny_model, n=6)
+    approx = attribute(tiny_model, *_args(clean, corrupted))
+    first = int((clean.tokens != corrupted.tokens).any(0).nonzero()[0])
+    assert approx.resid_pre[:, :first].abs().max() < 1e-6
+    assert approx.resid_pre.shape == (tiny_model.cfg.n_layers, clean.tokens.shape[1])
+    assert approx.head.shape == (tiny_model.cfg.n_layers, tiny_model.cfg.n_heads)
+
+
+def test_compare_with_exact_reports_its_keys(tiny_model):
+    clean, corrupted = make_pair(tiny_model, n=6)
+    result = compare_with_exact(tiny_model, clean, corrupted)
+    assert set(result) == {"pearson_r", "top10_overlap", "exact_s", "attribution_s", "speedup"}
+    assert -1 <= result["pearson_r"] <= 1 and 0 <= result["top10_overlap"] <= 1
+
+
+def test_top_k_overlap():
+    assert top_k_overlap([5, -4, 3, 0], [1, 2, 3, 4], k=2) == 0.0
+    assert top_k_overlap([5, -4, 3, 0], [-9, 8, 0, 0], k=2) == 1.0
