@@ -53,3 +53,10 @@ def test_sweep_covers_heads_before_receivers(tiny_model, data):
     clean, corrupted = data
     out = pp.path_patch_sweep(tiny_model, clean, corrupted, [(2, 0)], "q", "END")
     assert len(out) == 2 * tiny_model.cfg.n_heads and set(out.layer) == {0, 1}
+
+
+def test_sweep_into_no_receivers_is_empty(tiny_model, data):
+    """A class the circuit lacks gives an empty table, not an error."""
+    clean, corrupted = data
+    out = pp.path_patch_sweep(tiny_model, clean, corrupted, [], "q", "END")
+    assert out.empty and {"layer", "head", "relative_change"} <= set(out.columns)

@@ -118,6 +118,8 @@ def path_patch_sweep(
 ) -> pd.DataFrame:
     """Each head in turn as the single sender (only heads in layers before every receiver).
     One row per sender: mean logit difference and its change relative to the clean run."""
+    if receivers != "logits" and not receivers:  # e.g. a found circuit without name movers
+        return pd.DataFrame(columns=["layer", "head", "logit_diff", "relative_change"])
     caches = (_z_cache(model, clean), _z_cache(model, corrupted))
     with torch.inference_mode():
         clean_ld = logit_diff(model(clean.tokens), clean).mean().item()

@@ -1,0 +1,32 @@
+"""Shared setup for every chapter, run by each document's hidden first cell as
+`exec(open("_setup.py").read())` (the way R for Data Science sources `_common.R`).
+
+The model comes from one place, the env var IOI_MODEL: Quarto's `_environment` file sets it to
+gpt2-small, `_environment-offline` (under `quarto render --profile offline`) to smollm2-135m.
+IOI_N is the number of prompts; IOI_N_PATH and IOI_TOP_HEADS bound the costliest sweeps
+(path patching and per-input head patching), which the tests set small.
+"""
+
+import os
+
+import altair as alt
+import pandas as pd
+
+from ioi import plots, report
+from ioi.circuit import load_circuit
+from ioi.report import Md, ci, fmt, heads, pct, show
+from ioi.study import Study, StudyConfig
+
+N = int(os.environ.get("IOI_N", 100))
+study = Study(StudyConfig(
+    model=os.environ.get("IOI_MODEL", "gpt2-small"),
+    n=N,
+    n_path=min(N, int(os.environ.get("IOI_N_PATH", StudyConfig.n_path))),
+    top_heads=int(os.environ.get("IOI_TOP_HEADS", StudyConfig.top_heads)),
+))
+setup = {k: Md(v) if isinstance(v, str) else v for k, v in study.setup().items()}  # strings print unquoted inline
+circuit = study.circuit()
+claims = report.load_claims().set_index("claim_id")  # the published numbers we compare against
+published = claims.published_value
+on_paper_model = study.config.model == report.PAPER_MODEL
+alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard

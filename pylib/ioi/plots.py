@@ -1,0 +1,191 @@
+"""The report's figures: a tidy DataFrame in, an altair chart out, one function per figure.
+
+No function here computes anything about the model; each reads the columns a `Study` method
+(or a helper in `ioi.report`) returns. Colours: one diverging scale centred on zero for every
+signed effect (blue helps IO, red hurts it), one categorical scale for head classes.
+`study_figures(study)` draws them all from a study's cached results, for `python -m ioi reproduce`.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+DIVERGING = alt.Scale(scheme="redblue", domainMid=0)
+CLASSES = dict(zip(
+    ["name mover", "backup name mover", "negative name mover", "S-inhibition", "induction",
+     "duplicate token", "previous token", "other", "found", "logits", "not in circuit"],
+    ["#1f77b4", "#9ecae1", "#d62728", "#ff7f0e", "#2ca02c", "#98df8a", "#9467bd",
+     "#8c564b", "#7f7f7f", "#000000", "#dddddd"],
+))  # class -> colour, the same in every figure
+def _class_scale(classes) -> alt.Scale:
+    """The class colours, listing only the classes present (in the fixed order)."""
+    present = [c for c in CLASSES if c in set(classes)]
+    return alt.Scale(domain=present, range=[CLASSES[c] for c in present])
+
+
+WIDTH = 300  # one panel; two fit side by side on a page
+
+
+def _head_label(frame: pd.DataFrame) -> pd.Series:
+    return frame.layer.astype(str) + "." + frame["head"].astype(str)
+
+
+def head_heatmap(frame: pd.DataFrame, value: str, title: str, legend: str | None = None) -> alt.Chart:
+    """Layer (rows) by head (columns), coloured by a signed `value`."""
+    return alt.Chart(frame.assign(name=_head_label(frame)), title=title).mark_rect().encode(
+        x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O", title="layer"),
+        color=alt.Color(f"{value}:Q", scale=DIVERGING, title=legend or value),
+        tooltip=["name:N", alt.Tooltip(f"{value}:Q", format=".3f")],
+    ).properties(width=WIDTH, height=WIDTH * 0.8)
+
+
+def dla_heatmap(attributions: pd.DataFrame) -> alt.Chart:
+    """Direct logit attribution per head (`Study.head_attributions`)."""
+    return head_heatmap(attributions, "mean", "Direct logit attribution", "logit diff")
+
+
+def head_patching_heatmap(patching: pd.DataFrame, title: str = "Activation patching, head outputs") -> alt.Chart:
+    """Normalised metric after patching each head's clean output into the ABC run."""
+    return head_heatmap(patching, "patched_metric", title, "restored")
+
+
+def heads_figure(attributions: pd.DataFrame, patching: pd.DataFrame) -> alt.HConcatChart:
+    """DLA and activation patching side by side: what writes to the logits, what matters."""
+    return alt.hconcat(dla_heatmap(attributions), head_patching_heatmap(patching)).resolve_scale(color="independent")
+
+
+def residual_heatmap(residual: pd.DataFrame) -> alt.Chart:
+    """Residual-stream patching (`Study.residual_patching`): layer by named position."""
+    return alt.Chart(residual, title="Residual stream patching").mark_rect().encode(
+        x=alt.X("position:N", sort=["IO", "S1", "S1+1", "S2", "END"], title="position"),
+        y=alt.Y("layer:O", title="layer (residual stream before it)"),
+        color=alt.Color("patched_metric:Q", scale=DIVERGING, title="restored"),
+        tooltip=["layer:O", "position:N", alt.Tooltip("patched_metric:Q", format=".3f")],
+    ).properties(width=WIDTH * 0.6, height=WIDTH * 0.8)
+
+
+def layer_patching_bars(layers: pd.DataFrame) -> alt.Chart:
+    """Patching each layer's whole attention or MLP output (`Study.layer_patching`)."""
+    return alt.Chart(layers, title="Layer outputs").mark_bar().encode(
+        x=alt.X("layer:O"),
+        y=alt.Y("patched_metric:Q", title="restored"),
+        xOffset="component:N",
+        color=alt.Color("component:N", title="output"),
+        tooltip=["layer:O", "component:N", alt.Tooltip("patched_metric:Q", format=".3f")],
+    ).properties(width=WIDTH, height=WIDTH * 0.8)
+
+
+def residual_figure(residual: pd.DataFrame, layers: pd.DataFrame) -> alt.HConcatChart:
+    return alt.hconcat(residual_heatmap(residual), layer_patching_bars(layers))
+
+
+def logit_lens(lens: pd.DataFrame) -> alt.LayerChart:
+    """The logit difference read off the residual stream at END after each layer, with CI."""
+    base = alt.Chart(lens, title="Logit lens at END").encode(x=alt.X("layer:Q", title="layer"))
+    band = base.mark_area(opacity=0.3).encode(y=alt.Y("ci_low:Q", title="logit difference"), y2="ci_high:Q")
+    return (band + base.mark_line(point=True).encode(y="mean:Q")).properties(width=WIDTH, height=WIDTH * 0.6)
+
+
+def baseline_distribution(per_prompt: pd.DataFrame) -> alt.Chart:
+    """Per-prompt logit difference (`Study.baseline`), by name order."""
+    return alt.Chart(per_prompt, title="Logit difference per prompt").mark_bar(opacity=0.7).encode(
+        x=alt.X("logit_diff:Q", bin=alt.Bin(maxbins=30), title="logit(IO) − logit(S)"),
+        y=alt.Y("count():Q", stack=None, title="prompts"),
+        color=alt.Color("order:N", title="template"),
+    ).properties(width=WIDTH, height=WIDTH * 0.6)
+
+
+def path_patching_heatmaps(paths: pd.DataFrame) -> alt.FacetChart:
+    """Path patching (`ioi.report.path_patching`): one heatmap per receiver, coloured by the
+    change in logit difference relative to clean (negative: the path carries the signal)."""
+    return alt.Chart(paths.assign(name=_head_label(paths))).mark_rect().encode(
+        x=alt.X("head:O", axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("layer:O"),
+        color=alt.Color("relative_change:Q", scale=DIVERGING, title="Δ logit diff / clean"),
+        tooltip=["receiver:N", "name:N", alt.Tooltip("relative_change:Q", format=".3f")],
+    ).properties(width=WIDTH * 0.6, height=WIDTH * 0.6).facet(
+        column=alt.Column("receiver:N", title="receiver", sort=["logits", "name movers", "S-inhibition"])
+    ).resolve_scale(y="independent")
+
+
+def attention_heatmap(patterns: pd.DataFrame) -> alt.FacetChart:
+    """Attention of a few heads on one prompt (`ioi.report.attention_patterns`)."""
+    order = patterns.drop_duplicates("query_pos").sort_values("query_pos")["query"].tolist()
+    return alt.Chart(patterns).mark_rect().encode(
+        x=alt.X("key:N", sort=order, title="key (attended to)"),
+        y=alt.Y("query:N", sort=order, title="query"),
+        color=alt.Color("attention:Q", scale=alt.Scale(scheme="blues", domain=[0, 1])),
+        tooltip=["head:N", "query:N", "key:N", alt.Tooltip("attention:Q", format=".2f")],
+    ).properties(width=WIDTH * 0.55, height=WIDTH * 0.55).facet(facet=alt.Facet("head:N", title="head"), columns=2)
+
+
+def scores_strip(scores: pd.DataFrame) -> alt.Chart:
+    """Each head's classification scores (long frame: head, score, value, class), circuit
+    heads coloured by class: the score that names a class should single out its heads."""
+    return alt.Chart(scores, title="Head classification scores").mark_circle(size=45, opacity=0.8).encode(
+        x=alt.X("value:Q", title="score"),
+        y=alt.Y("score:N", title=None),
+        yOffset=alt.YOffset("jitter:Q"),
+        color=alt.Color("class:N", scale=_class_scale(scores["class"]), title="class"),
+        tooltip=["head:N", "class:N", "score:N", alt.Tooltip("value:Q", format=".2f")],
+    ).transform_calculate(jitter="random()").properties(width=WIDTH * 1.6, height=WIDTH * 0.8)
+
+
+def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame) -> alt.LayerChart:
+    """The circuit as measured (`ioi.report.circuit_graph`): heads at (layer, class), edges
+    from path patching with width by the share of the logit difference they carry."""
+    rows = nodes[nodes["class"] != "logits"].drop_duplicates("class")
+    y_axis = alt.Axis(values=rows.row.tolist(), labelExpr=_label_expr(rows), title=None, grid=False)
+    lines = alt.Chart(edges).mark_rule(opacity=0.6).encode(
+        x=alt.X("x:Q", title="layer", scale=alt.Scale(domain=[-0.5, nodes.x.max() + 0.8], nice=False), axis=alt.Axis(tickMinStep=1, format="d")),
+        y=alt.Y("y:Q", axis=y_axis, scale=alt.Scale(domain=[nodes.y.min() - 0.5, nodes.y.max() + 0.5])),
+        x2="x2:Q", y2="y2:Q",
+        strokeWidth=alt.StrokeWidth("size:Q", title="|effect|", scale=alt.Scale(range=[0.5, 6])),
+        color=alt.Color("sign:N", scale=alt.Scale(domain=["helps IO", "hurts IO"], range=["#2166ac", "#b2182b"]), title="path"),
+        tooltip=["source:N", "target:N", "receiver:N", alt.Tooltip("strength:Q", format=".3f")],
+    )
+    points = alt.Chart(nodes).mark_circle(size=140, opacity=1).encode(
+        x="x:Q", y="y:Q", fill=alt.Fill("class:N", scale=_class_scale(nodes["class"]), title="class"),
+        tooltip=["id:N", "class:N"],
+    )
+    labels = alt.Chart(nodes).mark_text(dx=9, align="left", fontSize=9).encode(x="x:Q", y="y:Q", text="id:N")
+    return (lines + points + labels).properties(width=WIDTH * 1.8, height=WIDTH).resolve_scale(color="independent")
+
+
+def _label_expr(rows: pd.DataFrame) -> str:
+    """A Vega expression naming each class row on the y axis."""
+    cases = " : ".join(f"datum.value == {y} ? '{c}'" for y, c in zip(rows.row, rows["class"]))
+    return f"{cases} : ''" if cases else "''"
+
+
+def faithfulness_by_template(table: pd.DataFrame) -> alt.LayerChart:
+    """Per-template faithfulness F(C)/F(M) with its CI (`Study.faithfulness_by_template`)."""
+    base = alt.Chart(table, title="Faithfulness per template").encode(
+        y=alt.Y("template_id:O", title="template"), color=alt.Color("order:N", title="names")
+    )
+    bars = base.mark_rule().encode(x=alt.X("faithfulness_ci_low:Q", title="F(C) / F(M)"), x2="faithfulness_ci_high:Q")
+    points = base.mark_point(filled=True, size=60).encode(
+        x="faithfulness:Q", tooltip=["template_id:O", "order:N", "n:Q", alt.Tooltip("faithfulness:Q", format=".2f")]
+    )
+    one = alt.Chart(pd.DataFrame({"x": [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="x:Q")
+    return (bars + points + one).properties(width=WIDTH, height=WIDTH * 0.8)
+
+
+def study_figures(study) -> dict[str, alt.TopLevelMixin]:
+    """Every figure of the report, from the study's cached results (name -> chart)."""
+    from ioi import report  # report builds the frames that combine analyses
+
+    patterns = report.attention_patterns(study, report.key_heads(study))
+    return {
+        "baseline_distribution": baseline_distribution(study.baseline()),
+        "heads": heads_figure(study.head_attributions(), study.head_patching()),
+        "residual": residual_figure(study.residual_patching(), study.layer_patching()),
+        "logit_lens": logit_lens(study.logit_lens()),
+        "path_patching": path_patching_heatmaps(report.path_patching(study)),
+        "attention": attention_heatmap(patterns),
+        "scores": scores_strip(report.scores_long(study)),
+        "circuit": circuit_diagram(*report.circuit_graph(study)),
+        "faithfulness_by_template": faithfulness_by_template(study.faithfulness_by_template()),
+    }

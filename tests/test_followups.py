@@ -1,0 +1,171 @@
+"""Follow-up experiments: the size sweep runs what it can and skips the rest with a reason;
+the template sweep covers every template and agrees with `ioi.circuit`; the CLI's JSON rows.
+
+The sweeps take model names, so the tiny random GPT-2 is saved as a local Hugging Face
+directory (a name `load_model` accepts); the hub models are made unreachable with
+HF_HUB_OFFLINE=1, which makes `load_model` refuse them at once."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from ioi import circuit as circuits
+from ioi import followups
+from ioi.cli import main
+from ioi.dataset import load_distribution
+from ioi.models import gpt2_tokenizer_directory, load_model
+from ioi.study import Study, StudyConfig
+
+N_TEMPLATES = 2 * len(load_distribution().baba_templates)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer, 4-head random GPT-2 with GPT-2's tokenizer, saved where `load_model` can
+    read it by path."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64))
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_directory()).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# --- Follow-up 1: size --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def size_rows(tiny_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return followups.size_sweep([tiny_dir, "gpt2-medium"], n=8, n_path=4, n_senders=4)
+
+
+def test_size_sweep_runs_available_models_and_skips_the_rest(size_rows, tiny_dir):
+    """One row per model in the order given: the tiny model measured, gpt2-medium skipped."""
+    assert list(size_rows.model) == [tiny_dir, "gpt2-medium"]
+    assert list(size_rows.status) == ["ok", "skipped"]
+    assert "gpt2-medium" in size_rows.reason.iloc[1]
+    assert size_rows.n_layers.iloc[1] == 24  # a skipped size still says where it would sit
+    assert followups.skip_reasons(size_rows) == "is not in the local Hugging Face cache and the hub cannot be reached"
+
+
+def test_size_row_is_complete_and_consistent(size_rows):
+    """The measured row has its CIs around its means, a circuit no larger than the model,
+    and name movers drawn from its own heads."""
+    row = size_rows.iloc[0]
+    assert row.logit_diff_ci_low <= row.logit_diff_mean <= row.logit_diff_ci_high
+    assert row.io_prob_ci_low <= row.io_prob_mean <= row.io_prob_ci_high
+    assert 1 <= row.circuit_size <= row.n_layers * row.n_heads
+    assert row.circuit_faithfulness_ci_low <= row.circuit_faithfulness <= row.circuit_faithfulness_ci_high
+    assert sum(row.circuit_classes.values()) == row.circuit_size
+    for label in row.name_movers + row.negative_name_movers:
+        layer, head = map(int, label.split("."))
+        assert layer < row.n_layers and head < row.n_heads
+    assert row.seconds > 0
+
+
+def test_unknown_model_name_fails_before_anything_runs():
+    """A typo in --models is an error at once, not a skipped row after an hour of work."""
+    with pytest.raises(ValueError, match="Unknown model"):
+        followups.size_sweep(["gpt2-small-random", "gpt2-smal"])
+
+
+def test_mover_heads_follow_the_stated_criterion(tiny_dir):
+    """Every head called a (negative) name mover has a direct effect of at least DIRECT_SHARE
+    of the logit difference, of the role's sign, and attends END->IO more than END->S2."""
+    study = Study(StudyConfig(model=tiny_dir, n=8))
+    movers = followups.mover_heads(study)
+    ld = abs(study.baseline().logit_diff.mean())
+    assert (movers.dla.abs() >= followups.DIRECT_SHARE * ld).all()
+    assert ((movers.dla > 0) == (movers.role == "name mover")).all()
+    assert (movers.end_to_io > movers.end_to_s).all()
+
+
+# --- Follow-up 2: template ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_dir):
+    return Study(StudyConfig(model=tiny_dir, n=3 * N_TEMPLATES, templates="full"))
+
+
+def test_template_rows_cover_every_template(tiny_dir):
+    """One template row per template of the full set, with the requested prompts each."""
+    sweep = followups.template_sweep(tiny_dir, n_per_template=2, circuit_n=8)
+    per_template = sweep[sweep.level == "template"]
+    assert sorted(per_template.template_id) == list(range(N_TEMPLATES))
+    assert (per_template.n == 2).all()
+    assert set(per_template.order) == {"ABBA", "BABA"}
+    assert list(sweep[sweep.level != "template"].order) == ["ABBA", "BABA", "ABBA-BABA"]
+
+
+def test_whole_model_is_fully_faithful_on_every_template(tiny_study):
+    """Ablating nothing leaves every prompt's logit difference as it was: faithfulness 1."""
+    whole = circuits.whole_model(tiny_study.model)
+    per_prompt = followups.prompt_faithfulness(tiny_study, whole)
+    rows = pd.DataFrame(followups.template_rows(per_prompt) + followups.order_rows(per_prompt))
+    np.testing.assert_allclose(rows[rows.level != "difference"].faithfulness, 1.0, rtol=1e-4)
+    np.testing.assert_allclose(rows[rows.level == "difference"].faithfulness, 0.0, atol=1e-4)
+
+
+def test_template_rows_agree_with_circuit_faithfulness_by_template(tiny_study):
+    """The per-template rows are the numbers `ioi.circuit.faithfulness_by_template` gives, for
+    a circuit that ablates most of the model."""
+    partial = circuits.Circuit({"some": ((0, 1), (2, 3))}, {"some": "ALL"})
+    ours = pd.DataFrame(followups.template_rows(followups.prompt_faithfulness(tiny_study, partial)))
+    reference = circuits.faithfulness_by_template(tiny_study.model, partial, tiny_study.clean, tiny_study.corrupted)
+    for column in ("n", "logit_diff_mean", "faithfulness", "faithfulness_ci_low", "logit_diff_ci_high"):
+        np.testing.assert_allclose(ours[column], reference[column], rtol=1e-5, err_msg=column)
+
+
+def test_order_difference_recovers_a_known_split():
+    """Prompts built so that ABBA keeps half of F(M) and BABA all of it: the difference is
+    -0.5 and its bootstrap interval holds -0.5 and excludes 0."""
+    rng = np.random.default_rng(0)
+    f_m = rng.uniform(1, 3, size=80)
+    order = np.array(["ABBA", "BABA"] * 40)
+    f_c = np.where(order == "ABBA", 0.5, 1.0) * f_m * rng.uniform(0.9, 1.1, size=80)
+    per_prompt = pd.DataFrame({"template_id": np.arange(80) % 2, "order": order, "F_C": f_c, "F_M": f_m})
+    diff = followups.order_rows(per_prompt)[-1]
+    assert diff["order"] == "ABBA-BABA"
+    assert diff["faithfulness_ci_low"] < -0.5 < diff["faithfulness_ci_high"] < 0
+    assert diff["faithfulness"] == pytest.approx(-0.5, abs=0.05)
+
+
+# --- Command line -------------------------------------------------------------------------------
+
+
+def test_cli_size_json_reports_skipped_models(capsys):
+    """`followup size --json` prints a JSON list whose skipped rows carry model, status, reason."""
+    assert main(["followup", "size", "--models", "gpt2-medium,gpt2-xl", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["gpt2-medium", "gpt2-xl"]
+    for row in rows:
+        assert row["status"] == "skipped"
+        assert row["reason"] and "Hugging Face" in row["reason"]
+        assert row["n_layers"] in (24, 48)
+
+
+def test_cli_templates_json_has_the_contracted_columns(capsys, tiny_dir):
+    """`followup templates --json` prints one row per template with order, logit difference,
+    faithfulness and their CIs, then the pooled and difference rows."""
+    assert main(["followup", "templates", "--model", tiny_dir, "--n", "2", "--circuit-n", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    templates = [r for r in rows if r["level"] == "template"]
+    assert len(templates) == N_TEMPLATES
+    keys = {"template_id", "order", "n", "logit_diff_mean", "logit_diff_ci_low", "logit_diff_ci_high",
+            "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high"}
+    assert all(keys <= set(r) for r in rows)
+    assert {r["order"] for r in templates} == {"ABBA", "BABA"}
+    assert [r["template_id"] for r in rows if r["level"] != "template"] == [None, None, None]

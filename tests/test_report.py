@@ -1,0 +1,127 @@
+"""The scorecard's verdicts follow their rules, on hand-made measurements and a hand-made study."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import math
+
+import pandas as pd
+import pytest
+
+from ioi import report
+from ioi.report import Measured, verdict
+
+
+@pytest.mark.parametrize(
+    "rule,published,measured,expected",
+    [
+        ("in_ci", 3.56, Measured(3.4, 3.2, 3.7), "reproduced"),
+        ("in_ci", 3.56, Measured(2.9, 2.7, 3.1), "not reproduced"),
+        ("within_rel:0.2", 0.49, Measured(0.55), "reproduced"),
+        ("within_rel:0.2", 0.49, Measured(0.30), "not reproduced"),
+        ("within_abs:1", 8.0, Measured(9.0), "reproduced"),
+        ("within_abs:1", 8.0, Measured(5.0), "not reproduced"),
+        ("same_sign_top:3", 2.99, Measured(2.1, rank=1), "reproduced"),
+        ("same_sign_top:3", 2.99, Measured(2.1, rank=4), "not reproduced"),
+        ("same_sign_top:3", -1.90, Measured(1.5, rank=2), "not reproduced"),
+        ("at_least", 0.01, Measured(0.02), "reproduced"),
+        ("at_least", 0.01, Measured(0.005), "not reproduced"),
+        ("in_ci", 3.56, Measured(float("nan")), "not measured"),
+    ],
+)
+def test_verdict_follows_its_rule(rule, published, measured, expected):
+    """Each rule says 'reproduced' exactly when its condition holds."""
+    assert verdict(rule, published, measured) == expected
+
+
+def test_range_rule_uses_the_published_range():
+    """'in_range' compares the measured value with the published low and high."""
+    assert verdict("in_range", float("nan"), Measured(0.8), 0.57, 0.99) == "reproduced"
+    assert verdict("in_range", float("nan"), Measured(1.2), 0.57, 0.99) == "not reproduced"
+
+
+def test_every_published_claim_has_a_known_measure_and_rule():
+    """The claims file only names measures and rules the scorecard knows."""
+    claims = report.load_claims()
+    assert claims.claim_id.is_unique
+    assert set(claims.measure.str.partition(":")[0]) <= set(report.MEASURES)
+    assert set(claims.rule.str.partition(":")[0]) <= set(report.RULE_TEXT)
+    assert set(claims.scope) <= {"any", "gpt2-small"}
+
+
+class FakeStudy:
+    """A study whose analyses return hand-made tables: GPT-2 numbers that reproduce the
+    baseline's logit difference (3.56 inside [3.3, 3.8]) but not its IO probability."""
+
+    def __init__(self, model: str = "gpt2-small"):
+        self.config = SimpleNamespace(model=model)
+
+    def baseline_summary(self):
+        return pd.DataFrame({"metric": ["logit_diff", "io_prob", "io_beats_s"], "mean": [3.5, 0.2, 0.99],
+                             "ci_low": [3.3, 0.18, 0.97], "ci_high": [3.8, 0.22, 1.0], "n": 100})
+
+    def head_attributions(self):
+        return pd.DataFrame({"layer": [9, 10, 9], "head": [9, 7, 6], "mean": [2.5, -1.5, 1.0],
+                             "ci_low": [2.0, -2.0, 0.5], "ci_high": [3.0, -1.0, 1.5]})
+
+
+CLAIMS = pd.DataFrame({
+    "claim_id": ["ld", "prob", "dla"],
+    "claim": ["logit difference", "IO probability", "9.9 writes IO"],
+    "published_value": [3.56, 0.49, 2.99], "published_low": float("nan"), "published_high": float("nan"),
+    "measure": ["baseline.logit_diff", "baseline.io_prob", "dla:9.9"],
+    "rule": ["in_ci", "within_rel:0.2", "same_sign_top:3"],
+    "scope": ["any", "any", "gpt2-small"], "source": "test", "caveat": "",
+})
+
+
+def test_scorecard_judges_each_claim_on_the_paper_model():
+    """On GPT-2 small each verdict is its rule's, with our value and CI beside it."""
+    card = report.scorecard(FakeStudy(), CLAIMS).set_index("claim_id")
+    assert card.verdict.to_dict() == {"ld": "reproduced", "prob": "not reproduced", "dla": "reproduced"}
+    assert (card.loc["ld", "ci_low"], card.loc["ld", "ci_high"]) == (3.3, 3.8)
+    assert card.loc["dla", "rank"] == 1
+
+
+def test_scorecard_on_another_model_is_a_reference_not_a_target():
+    """On another model, GPT-2 numbers are 'not comparable' and named GPT-2 heads are dropped."""
+    card = report.scorecard(FakeStudy("smollm2-135m"), CLAIMS)
+    assert list(card.claim_id) == ["ld", "prob"]
+    assert set(card.verdict) == {"not comparable"}
+
+
+def test_scorecard_table_is_a_markdown_pipe_table():
+    """The printed scorecard is a pipe table with one row per claim and the CI as text."""
+    text = report.scorecard_table(report.scorecard(FakeStudy(), CLAIMS))._repr_markdown_()
+    lines = text.splitlines()
+    assert lines[0].startswith("| Claim |") and len(lines) == 2 + len(CLAIMS)
+    assert "[3.30, 3.80]" in text
+
+
+def test_residual_crossover_is_the_first_layer_where_end_beats_s2():
+    """The layer at which END first restores more than S2."""
+    rows = [(0, "S2", 0.9), (0, "END", 0.0), (1, "S2", 0.6), (1, "END", 0.3), (2, "S2", 0.2), (2, "END", 0.8)]
+    frame = pd.DataFrame(rows, columns=["layer", "position", "patched_metric"])
+    assert report.residual_crossover(frame) == 2.0
+    assert math.isnan(report.residual_crossover(frame[frame.layer < 2]))
+
+
+def test_numbers_for_prose_use_true_minus_signs():
+    """Prose numbers are rounded, signed with U+2212, and display as Markdown."""
+    assert report.fmt(-1.904) == "−1.90"
+    assert report.fmt(3) == "3"
+    assert report.pct(0.873) == "87%"
+    assert report.ci(0.1, -0.2) == "[0.10, −0.20]"
+    assert report.fmt(float("nan")) == "n/a" and report.pct(float("nan")) == "n/a"
+    assert report.fmt(2.0)._repr_markdown_() == "2.00"
+
+
+def test_output_format_reads_quarto_execute_info(tmp_path, monkeypatch):
+    """The target comes from format.pandoc.to in the file QUARTO_EXECUTE_INFO names."""
+    info = tmp_path / "info.json"
+    info.write_text('{"format": {"pandoc": {"to": "typst"}}}')
+    monkeypatch.setenv("QUARTO_EXECUTE_INFO", str(info))
+    assert report.output_format() == "typst" and not report.is_html()
+    info.write_text('{"format": {"pandoc": {"to": "html5+smart"}}}')
+    assert report.output_format() == "html5" and report.is_html()
