@@ -1,5 +1,6 @@
 """ioi.fast reproduces the bridge and TransformerLens's activation patching exactly."""
 
+import numpy as np
 import pytest
 import torch
 import transformer_lens.patching as tlp
@@ -146,3 +147,15 @@ def test_tidy_frames(tiny_model):
     resid = fast.resid_frame(tiny_model, clean, corrupted)
     assert list(resid.columns) == ["layer", "pos", "logit_diff"]
     assert len(resid) == cfg.n_layers * clean.tokens.shape[1]
+
+
+def test_named_residual_patching_matches_the_hook_sweep(tiny_model):
+    """Patching the residual stream at each prompt's own S2, END, ... agrees with the hook-based
+    reference, across prompts of different lengths."""
+    from ioi.patching import patch_residual
+
+    clean, corrupted = make_pair(tiny_model, n=10, templates="full")
+    assert len(set(clean.end.tolist())) > 1
+    got = fast.resid_named_frame(tiny_model, clean, corrupted)
+    expected = patch_residual(tiny_model, clean, corrupted)
+    np.testing.assert_allclose(got.logit_diff, expected.logit_diff, atol=1e-4)

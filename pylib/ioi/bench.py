@@ -10,13 +10,18 @@
 - `bench attribution`: attribution patching against our exact all-position sweep.
 - `bench scaling`: our sweep's time against the number of prompts and GPT-2's four sizes
   (random weights of each shape: the time depends on the shape, not on the values).
+- `bench reproduce`: wall time and peak memory of the whole `reproduce` run, with a cold and
+  with a warm results cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,6 +62,30 @@ def register(subparsers) -> None:
     scaling.set_defaults(
         func=lambda a: _emit(bench_scaling(a.ns, a.sizes, a.n, a.positions, a.seed), a)
     )
+
+    reproduce = which.add_parser("reproduce", help="wall time and peak memory of `reproduce`, cold and warm")
+    _common(reproduce, "smollm2-135m", 100)
+    reproduce.set_defaults(func=lambda a: _emit(bench_reproduce(a.model, a.n, a.seed), a))
+
+
+def bench_reproduce(model: str = "smollm2-135m", n: int = 100, seed: int = 0) -> dict:
+    """Run `python -m ioi reproduce` twice in fresh processes sharing one new, empty results
+    cache: cold (everything computed) then warm (everything served from the cache). Model
+    weights stay in the usual cache, so neither run pays for dequantising or downloading."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as results, tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "IOI_RESULTS_DIR": results}
+        for label in ("cold", "warm"):
+            command = [sys.executable, "-m", "ioi", "reproduce", "--model", model, "--n", str(n),
+                       "--seed", str(seed), "--out", out, "--json"]
+            start = time.perf_counter()
+            child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"`{' '.join(command)}` failed ({label} run)")
+            runs[f"{label}_s"] = round(time.perf_counter() - start, 1)
+            runs[f"{label}_peak_memory_gb"] = round(usage.ru_maxrss / 2**20, 2)  # ru_maxrss is in KiB
+    return {"model": model, "n": n, **runs}
 
 
 def _common(parser, model: str, n: int) -> None:

@@ -5,7 +5,8 @@ dataset (its tokens, positions and answers) and the code (this package's source,
 files, and the versions of torch, transformers and TransformerLens). A stale result therefore
 has a different key and is never served. Entries are written to a temporary file and renamed,
 so a crash leaves no half-written entry; an entry that cannot be read is recomputed.
-Set IOI_NO_CACHE=1 to bypass the cache.
+Results live in `$IOI_RESULTS_DIR`, else in `results/` under the cache root (see
+`ioi.models.cache_root`). Set IOI_NO_CACHE=1 to bypass the cache.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def cached(analysis: str, compute, params: dict, model=None, datasets=()):
     """`compute()`'s result, from the cache when an entry for exactly these inputs exists."""
     if os.environ.get("IOI_NO_CACHE") == "1":
         return compute()
-    path = cache_root() / "results" / analysis / f"{result_key(analysis, params, model, datasets)}.joblib"
+    root = Path(os.environ.get("IOI_RESULTS_DIR", cache_root() / "results"))
+    path = root / analysis / f"{result_key(analysis, params, model, datasets)}.joblib"
     if path.exists():
         try:
             return joblib.load(path)

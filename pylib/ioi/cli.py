@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ioi import bench, followups
 from ioi.models import ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
@@ -126,12 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the CSV tables, figures and summary.json")
     p.set_defaults(func=cmd_reproduce)
 
-    for extension in ("ioi.bench", "ioi.followups"):
-        try:
-            module = __import__(extension, fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
-        module.register(sub)
+    bench.register(sub)
+    followups.register(sub)
     return parser
 
 

@@ -555,3 +555,19 @@ def resid_frame(model, clean, corrupted, **kwargs) -> pd.DataFrame:
         model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, **kwargs
     )
     return sweep_frame(values, "pos")
+
+
+def resid_named_frame(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2", "END")) -> pd.DataFrame:
+    """The residual stream before each layer patched at each prompt's own named position
+    (as `ioi.patching.patch_residual`). Exact: a prompt's patched logit difference depends on
+    that prompt alone, so patching prompt b at its own S2 is entry [layer, S2_b, b] of the
+    per-prompt absolute-position sweep."""
+    values = resid_sweep(
+        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, per_prompt=True
+    )
+    prompts = torch.arange(len(clean))
+    means = {name: values[:, clean.positions[name], prompts].mean(-1) for name in positions}
+    return pd.DataFrame(
+        [{"layer": layer, "position": name, "logit_diff": means[name][layer].item()}
+         for layer in range(values.shape[0]) for name in positions]
+    )

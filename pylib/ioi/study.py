@@ -130,7 +130,9 @@ class Study:
 
     @_analysis
     def residual_patching(self) -> pd.DataFrame:
-        return patching.patch_residual(self.model, self.clean, self.corrupted)
+        """The residual stream before each layer at each named position (fast, exact)."""
+        frame = fast.resid_named_frame(self.model, self.clean, self.corrupted)
+        return self._normalised(frame)
 
     @_analysis
     def layer_patching(self) -> pd.DataFrame:
@@ -142,7 +144,9 @@ class Study:
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
         """Each head's output patched at every position ("all") or at END only ("end"),
         computed by the fast exact engine (`ioi.fast`)."""
-        frame = fast.head_out_frame(self.model, self.clean, self.corrupted, positions)
+        return self._normalised(fast.head_out_frame(self.model, self.clean, self.corrupted, positions))
+
+    def _normalised(self, frame: pd.DataFrame) -> pd.DataFrame:
         clean_ld, corrupted_ld = self.clean_and_corrupted_logit_diff()
         return frame.assign(patched_metric=metrics.normalised(frame.logit_diff, clean_ld, corrupted_ld))
 
