@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from ioi import circuit as circuits
-from ioi import fast, head_scores, logit_attribution, metrics, path_patching, patching
+from ioi import fast, fast_paths, head_scores, logit_attribution, metrics, patching
 from ioi.cache import cached
 from ioi.dataset import corrupt, make_dataset
 from ioi.discovery import classify_heads, find_circuit
@@ -33,7 +33,7 @@ class StudyConfig:
     seed: int = 0  # draws the prompts and the ABC names; recorded with every result
     templates: str = "mixed"  # the paper's default: 7 BABA templates and their ABBA versions
     prepend_bos: bool = False  # the paper's choice; TransformerLens's demos prepend one
-    n_path: int = 50  # prompts for the path-patching sweeps, the costliest analysis
+    n_path: int = 100  # prompts for the path-patching sweeps (the paper uses over 200)
     top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
     faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
     device: str = "cpu"
@@ -189,7 +189,7 @@ class Study:
     @_analysis
     def path_patching_to_logits(self) -> pd.DataFrame:
         clean, corrupted = self.path_data
-        return path_patching.path_patch_sweep(self.model, clean, corrupted, "logits")
+        return fast_paths.path_patch_sweep(self.model, clean, corrupted, "logits")
 
     def name_movers(self) -> list[tuple[int, int]]:
         return list(self.circuit().classes.get("name mover", ()))
@@ -198,7 +198,7 @@ class Study:
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
         clean, corrupted = self.path_data
-        return path_patching.path_patch_sweep(
+        return fast_paths.path_patch_sweep(
             self.model, clean, corrupted, self.name_movers(), "q", "END"
         )
 
@@ -208,7 +208,7 @@ class Study:
         duplicate-token heads."""
         clean, corrupted = self.path_data
         receivers = list(self.circuit().classes.get("S-inhibition", ()))
-        return path_patching.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
+        return fast_paths.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
 
     # --- The circuit ---------------------------------------------------------------------------
 

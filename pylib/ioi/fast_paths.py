@@ -1,0 +1,273 @@
+"""Exact path patching, fast: the sweep of `ioi.path_patching.path_patch_sweep` without hooks.
+
+`ioi.path_patching` runs, per sender head, two or three full hooked forwards of the bridge. Most
+of that work repeats the clean run. This module computes the same numbers from one clean and
+one corrupted cached forward of `ioi.fast.FastModel`, and only the rows that can change.
+
+Why it is exact
+---------------
+Step 2 (senders from the corrupted run, every other head frozen to its clean `hook_z`). Every
+attention layer's output is a function of its heads' z only (attn_out = sum_h z_h W_O[h] + b_O),
+so with every z fixed each attention layer outputs exactly its clean value, except the sender's
+layer L, whose output changes by (corrupted z - clean z)[sender] @ W_O[sender], position by
+position. The only other components are MLPs and norms, which act on each position alone. So no
+information moves between positions in step 2, and the residual stream at a position p is
+
+    resid_mid[L] = clean resid_mid[L][p] + delta[p]
+    then, per layer: resid += mlp(norm(resid)); resid += clean attn_out[l+1][p]; ...
+
+computed from the clean cache at p alone. For receivers "logits" step 2 is the answer: only the
+END row is needed, and the logit difference needs two unembedding columns (`logit_diff_at`).
+
+Step 3 (only the receivers' q/k/v replaced by their step-2 values at the patched positions,
+everything else recomputed on the clean prompts). Before the first receiver layer R0 nothing
+changes, so step 3 starts from the clean resid_pre[R0]. A patch at positions >= s can only change
+rows >= s (causality): a patched query at X changes row X; a patched key/value at X changes every
+row that attends to X, i.e. rows >= X, and those rows' outputs then change later layers' keys and
+values. So only the rows from the earliest patched position to the last END are carried through
+the layers (only END itself when the query is patched at END); they attend to the clean cached
+keys and values everywhere else, with their own recomputed keys and values written over them.
+The receivers' step-2 inputs are computed from step 2's residual stream at the patched positions
+(a query or key is rotated at its own position, so patching before or after rotary agrees).
+Under grouped-query attention receivers' k/v are patched on their key/value head
+h // (n_heads / n_kv_heads), which every query head of the group reads, as in the reference.
+
+Fast cases: every receivers ("logits", or (layer, head) lists with input "q", "k" or "v" at a named
+position such as "END" or "S2", or at all positions, None). With None the rows carried start at
+the first position where a clean and a corrupted prompt differ: before it the step-2 inputs equal
+the clean ones. Anything else (another receiver_input) falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ioi import path_patching
+from ioi.dataset import IOIDataset
+from ioi.fast import Cache, FastModel, as_fast, head_out, keys_values, logit_diff_at, mlp, norm, rotate, run_with_cache
+from ioi.metrics import logit_diff
+
+Head = tuple[int, int]  # (layer, head)
+COLUMNS = ["layer", "head", "logit_diff", "relative_change"]
+
+
+def path_patch_sweep(
+    model,
+    clean: IOIDataset,
+    corrupted: IOIDataset,
+    receivers: Sequence[Head] | str = "logits",
+    receiver_input: str = "q",
+    receiver_position: str | None = None,
+    batch_size: int = 512,
+) -> pd.DataFrame:
+    """`ioi.path_patching.path_patch_sweep`, exactly (to float rounding), from cached forwards.
+
+    Each head in layers before every receiver in turn as the single sender; one row per sender
+    (layer, head, mean logit difference, change relative to the clean run). `batch_size` bounds
+    the (sender x prompt) variants run at once. Fast for receivers "logits" and for (layer, head)
+    receivers with receiver_input "q", "k" or "v" at any named position or at all positions
+    (None); any other receiver_input falls back to the hook-based reference."""
+    if receivers != "logits" and not receivers:
+        return pd.DataFrame(columns=COLUMNS)
+    if receivers != "logits" and receiver_input not in ("q", "k", "v"):
+        return path_patching.path_patch_sweep(
+            model, clean, corrupted, receivers, receiver_input, receiver_position
+        )
+    fast = as_fast(model)
+    receivers = receivers if receivers == "logits" else [(int(l), int(h)) for l, h in receivers]
+    last = fast.n_layers if receivers == "logits" else min(l for l, _ in receivers)
+    if last == 0:  # no head lies before a layer-0 receiver
+        return pd.DataFrame(columns=COLUMNS)
+    with torch.inference_mode():
+        clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
+        clean_cache, corrupted_cache = run_with_cache(fast, clean.tokens), run_with_cache(fast, corrupted.tokens)
+        values = _sweep(
+            fast, clean, corrupted, clean_cache, corrupted_cache, receivers, receiver_input,
+            receiver_position, last, batch_size,
+        )
+    rows = [
+        {"layer": l, "head": h, "logit_diff": values[l, h].item()}
+        for l in range(last)
+        for h in range(fast.n_heads)
+    ]
+    out = pd.DataFrame(rows)
+    out["relative_change"] = (out.logit_diff - clean_ld) / clean_ld
+    return out
+
+
+def _sweep(
+    fast: FastModel,
+    clean: IOIDataset,
+    corrupted: IOIDataset,
+    clean_cache: Cache,
+    corrupted_cache: Cache,
+    receivers,
+    receiver_input: str,
+    receiver_position: str | None,
+    last: int,
+    batch_size: int,
+) -> Float[Tensor, "layer head"]:
+    """Mean logit difference per sender head, for senders in layers < `last`."""
+    batch, n_heads = len(clean), fast.n_heads
+    end = clean.end
+    if receivers == "logits":
+        positions, start = end, None
+    elif receiver_position is None:
+        positions, start = None, _first_change(clean.tokens, corrupted.tokens, end)
+    else:
+        positions = clean.positions[receiver_position]
+        start = None if torch.equal(positions, end) and receiver_input == "q" else int(positions.min())
+    out = torch.empty(last, n_heads, dtype=fast.W_E.dtype)
+    heads_per_chunk = max(1, batch_size // batch)
+    for layer in range(last):
+        dz = corrupted_cache.z[layer] - clean_cache.z[layer]  # [batch pos head d_head]
+        for first in range(0, n_heads, heads_per_chunk):
+            heads = torch.arange(first, min(n_heads, first + heads_per_chunk))
+            prompt = torch.arange(batch).repeat(len(heads))
+            head = heads.repeat_interleave(batch)
+            if start is None:
+                pos, end_row = end[prompt][:, None], torch.zeros_like(prompt)
+            else:
+                pos = torch.arange(start, int(end.max()) + 1).expand(len(prompt), -1)
+                end_row = end[prompt] - start
+            # Step 2, position-wise: only the patched positions (one row per variant, or every
+            # carried row when patching at all positions). The sender's change to its layer's
+            # output, then the frozen forward.
+            pos2 = pos if positions is None else positions[prompt][:, None]
+            delta = torch.einsum(
+                "nre,ned->nrd", dz[prompt[:, None], pos2, head[:, None]], fast.layers[layer].W_O[head]
+            )
+            resid_mid = clean_cache.resid_mid[layer][prompt[:, None], pos2] + delta
+            if receivers == "logits":  # pos2 is END
+                resid = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, [fast.n_layers])
+                resid = resid[fast.n_layers][:, 0]
+            else:
+                layers = sorted({l for l, _ in receivers})
+                step2 = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, layers)
+                # the rows carried in step 3 that get step 2's inputs (the values broadcast
+                # over rows when step 2 ran on the patched position alone)
+                mask = torch.ones_like(pos, dtype=torch.bool) if positions is None else pos == positions[prompt][:, None]
+                patches = {
+                    l: _receiver_inputs(fast, l, step2[l], pos2, receiver_input, [h for rl, h in receivers if rl == l])
+                    for l in layers
+                }
+                resid = _patched_forward(fast, clean_cache, layers[0], prompt, pos, end_row, mask, receiver_input, patches)
+            ld = logit_diff_at(fast, resid, clean.io_token[prompt], clean.s_token[prompt])
+            out[layer, heads] = ld.view(len(heads), batch).mean(-1)
+    return out
+
+
+def _first_change(
+    clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"], end: Int[Tensor, " batch"]
+) -> int:
+    """The first position where any clean and corrupted prompt differ: before it both runs (and
+    so step 2) equal the clean run, and a patch there changes nothing."""
+    differs = (clean_tokens != corrupted_tokens).any(0).nonzero()
+    return int(differs[0]) if len(differs) else int(end.min())
+
+
+def _frozen_forward(
+    fast: FastModel,
+    cache: Cache,
+    layer: int,
+    resid_mid: Float[Tensor, "n row d_model"],
+    prompt: Int[Tensor, " n"],
+    pos: Int[Tensor, "n row"],
+    want: list[int],
+) -> dict[int, Tensor]:
+    """Step 2 from `layer`'s residual after attention, every later attention layer frozen to its
+    clean output: the residual stream before each layer in `want` (n_layers: the final one)."""
+    out = {}
+    resid = resid_mid + mlp(fast, fast.layers[layer], norm(fast, resid_mid))
+    for l in range(layer + 1, max(want) + 1):
+        if l in want:
+            out[l] = resid
+        if l == fast.n_layers or l == max(want):
+            break
+        resid = resid + cache.attn_out[l][prompt[:, None], pos]
+        resid = resid + mlp(fast, fast.layers[l], norm(fast, resid))
+    return out
+
+
+def _receiver_inputs(
+    fast: FastModel,
+    layer: int,
+    resid_pre: Float[Tensor, "n row d_model"],
+    pos: Int[Tensor, "n row"],
+    receiver_input: str,
+    heads: list[int],
+) -> tuple[Float[Tensor, "n row head d_head"], Bool[Tensor, " head"]]:
+    """Step 2's q (rotated), k (rotated) or v of the layer, and which of its heads (query heads
+    for q, key/value heads for k and v) are the receivers'."""
+    lw = fast.layers[layer]
+    x = norm(fast, resid_pre)
+    if receiver_input == "q":
+        value = rotate(fast, torch.einsum("nrd,hde->nrhe", x, lw.W_Q) + lw.b_Q, pos)
+        group = 1
+    else:
+        value = keys_values(fast, lw, x, pos)[0 if receiver_input == "k" else 1]
+        group = lw.W_Q.shape[0] // lw.W_K.shape[0]
+    chosen = torch.zeros(value.shape[2], dtype=torch.bool)
+    chosen[[h // group for h in heads]] = True
+    return value, chosen
+
+
+def _patched_forward(
+    fast: FastModel,
+    cache: Cache,
+    start_layer: int,
+    prompt: Int[Tensor, " n"],
+    pos: Int[Tensor, "n row"],
+    end_row: Int[Tensor, " n"],
+    mask: Bool[Tensor, "n row"],
+    receiver_input: str,
+    patches: dict,
+) -> Float[Tensor, "n d_model"]:
+    """Step 3: the clean run from `start_layer` on, carrying only the rows `pos` (all that the
+    patch can change), with the receivers' inputs replaced by step 2's where `mask` is set.
+    Rows attend to the clean cached keys and values elsewhere. The final residual at END."""
+    n_idx = torch.arange(len(prompt))[:, None]
+    resid = cache.resid_pre[start_layer][prompt[:, None], pos]
+    for l in range(start_layer, fast.n_layers):
+        lw = fast.layers[l]
+        x = norm(fast, resid)
+        q = rotate(fast, torch.einsum("nrd,hde->nrhe", x, lw.W_Q) + lw.b_Q, pos)
+        k_rows, v_rows = keys_values(fast, lw, x, pos)
+        if l in patches:
+            value, chosen = patches[l]
+            where = (mask[:, :, None] & chosen[None, None])[..., None]
+            if receiver_input == "q":
+                q = torch.where(where, value, q)
+            elif receiver_input == "k":
+                k_rows = torch.where(where, value, k_rows)
+            else:
+                v_rows = torch.where(where, value, v_rows)
+        k, v = cache.k[l][prompt], cache.v[l][prompt]  # advanced indexing copies
+        k[n_idx, pos], v[n_idx, pos] = k_rows, v_rows
+        if l == fast.n_layers - 1:  # after the last keys and values only END is read
+            at = torch.arange(len(prompt)), end_row
+            q, resid, pos = q[at][:, None], resid[at][:, None], pos[at][:, None]
+        resid = resid + head_out(lw, _attend(q, k, v, pos))
+        resid = resid + mlp(fast, lw, norm(fast, resid))
+    return resid[:, 0]
+
+
+def _attend(
+    q: Float[Tensor, "n row head d_head"],
+    k: Float[Tensor, "n key kv_head d_head"],
+    v: Float[Tensor, "n key kv_head d_head"],
+    pos: Int[Tensor, "n row"],
+) -> Float[Tensor, "n row head d_head"]:
+    """Causal attention of given (rotated) queries over keys and values, as `fast.attention_z`."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
+    future = torch.arange(k.shape[1])[None, None, None] > pos[:, None, :, None]
+    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
+    return torch.einsum("bhrk,bkhe->brhe", pattern, v)
