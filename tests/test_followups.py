@@ -17,7 +17,7 @@ from ioi import circuit as circuits
 from ioi import followups
 from ioi.cli import main
 from ioi.dataset import load_distribution
-from ioi.models import gpt2_tokenizer_directory, load_model
+from ioi.models import gpt2_tokenizer_directory
 from ioi.study import Study, StudyConfig
 
 N_TEMPLATES = 2 * len(load_distribution().baba_templates)

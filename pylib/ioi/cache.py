@@ -11,6 +11,7 @@ Results live in `$IOI_RESULTS_DIR`, else in `results/` under the cache root (see
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,6 +57,7 @@ def dataset_fingerprint(dataset: IOIDataset) -> str:
     return _hash(dataset.prepend_bos, dataset.template_id.tobytes(), *map(_tensor_bytes, parts))
 
 
+@functools.lru_cache(maxsize=1)  # once per process: a run is not changed by later edits
 def code_fingerprint() -> str:
     files = sorted(PACKAGE_DIR.rglob("*.py")) + sorted(DATA_DIR.rglob("*.json"))
     versions = [version(p) for p in ("torch", "transformers", "transformer-lens")]

@@ -205,7 +205,7 @@ def knockout(model, heads, dataset: IOIDataset, means: dict, circuit: Circuit | 
     return run_circuit(model, base.without(heads), dataset, means).mean().item()
 
 
-def completeness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, n_random: int = 10, greedy_size: int = 5, seed: int = 0) -> pd.DataFrame:
+def completeness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, n_random: int = 10, greedy_size: int = 3, seed: int = 0) -> pd.DataFrame:
     """Incompleteness |F(C \\ K) - F(M \\ K)| for random, class-wise and greedy subsets K."""
     means = group_means(model, corrupted)
     rng = np.random.default_rng(seed)

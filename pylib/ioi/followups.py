@@ -32,13 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ioi import circuit as circuits
+from ioi import fast_paths
 from ioi.cache import cached
-from ioi.dataset import IOIDataset
+from ioi.dataset import IOIDataset, load_distribution
 from ioi.discovery import ATTENTION_FLOOR, DIRECT_SHARE
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
 from ioi.models import KNOWN_MODELS, ModelUnavailableError
-from ioi.patching import run_with_cache
-from ioi.path_patching import path_patch
 from ioi.study import Study, StudyConfig
 
 GPT2_SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -53,7 +52,7 @@ GPT2_SHAPES = {
 ENUMERATION_LOGIT_DIFF = {"gpt2-small": 3.79, "gpt2-medium": 4.18, "gpt2-large": 4.68}
 MILLER_2024_FAITHFULNESS = {"ABBA": (0.57, 0.99), "BABA": (0.98, 1.55)}  # range over templates
 N_SIZE = 100  # prompts per size: the main study's default, so a size's row reuses its cache
-N_PATH_SIZE = 20  # path patching costs two forwards per sender; 20 prompts keep XL feasible
+N_PATH_SIZE = 50  # prompts for path patching into the name movers
 N_SENDERS = 30  # senders screened by head patching; None path-patches every earlier head
 N_PER_TEMPLATE = 20  # x 30 templates = 600 prompts: minutes on a laptop CPU for a 135M model
 
@@ -201,15 +200,10 @@ def s_inhibition_paths(study: Study, movers: list[tuple[int, int]], n_senders: i
 
 
 def _path_sweep(model, clean: IOIDataset, corrupted: IOIDataset, senders, receivers) -> pd.DataFrame:
-    hooks = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
-    caches = tuple({k: c[k] for k in hooks} for c in (run_with_cache(model, d, hooks)[1] for d in (clean, corrupted)))
-    with torch.inference_mode():
-        clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
-    rows = []
-    for sender in tqdm(senders, desc="path patching into name movers", leave=False):
-        ld = path_patch(model, clean, corrupted, [sender], receivers, "q", "END", caches).mean().item()
-        rows.append({"layer": sender[0], "head": sender[1], "logit_diff": ld, "relative_change": (ld - clean_ld) / clean_ld})
-    return pd.DataFrame(rows)
+    """The fast exact path-patching sweep into the receivers' queries at END, kept to `senders`."""
+    frame = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, "q", "END")
+    keep = {tuple(s) for s in senders}
+    return frame[[(l, h) in keep for l, h in zip(frame.layer, frame["head"])]].reset_index(drop=True)
 
 
 def found_circuit_faithfulness(study: Study) -> dict:
@@ -244,18 +238,12 @@ def template_sweep(
     "order" (ABBA and BABA pooled) and "difference" (ABBA minus BABA, bootstrap CI)."""
     if circuit is None:
         circuit = Study(StudyConfig(model=model, n=circuit_n, seed=seed, device=device)).circuit()
-    n_templates = 2 * len(_all_baba_templates())
+    n_templates = 2 * len(load_distribution().baba_templates)  # each BABA and its ABBA version
     study = Study(StudyConfig(model=model, n=n_per_template * n_templates, seed=seed, templates="full", device=device))
     per_prompt = prompt_faithfulness(study, circuit)
     rows = template_rows(per_prompt, seed) + order_rows(per_prompt, seed)
     frame = pd.DataFrame(rows).astype({"template_id": "Int64"})  # pooled rows have none
     return frame.assign(model=model, circuit_size=len(circuit.heads))
-
-
-def _all_baba_templates():
-    from ioi.dataset import load_distribution
-
-    return load_distribution().baba_templates
 
 
 def prompt_faithfulness(study: Study, circuit: circuits.Circuit) -> pd.DataFrame:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -39,12 +39,21 @@ class StudyConfig:
     device: str = "cpu"
 
 
-def _analysis(method):
-    """Cache a Study method's result under its name, the config and the study's inputs."""
+# The config fields every result depends on; `uses` adds the few that only some analyses read,
+# so that e.g. a study with another n_path shares its baseline with this one.
+KEY_FIELDS = ("model", "n", "seed", "templates", "prepend_bos", "faithfulness_target")
+
+
+def _analysis(method=None, *, uses: tuple[str, ...] = ()):
+    """Cache a Study method's result under its name, the config fields it depends on, its
+    arguments and the study's model and datasets."""
+    if method is None:
+        return functools.partial(_analysis, uses=uses)
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        params = {"config": asdict(self.config), "args": args, "kwargs": kwargs}
+        config = {f: getattr(self.config, f) for f in KEY_FIELDS + uses}
+        params = {"config": config, "args": args, "kwargs": kwargs}
         start = time.perf_counter()
         result = cached(
             method.__name__, lambda: method(self, *args, **kwargs), params,
@@ -167,7 +176,7 @@ class Study:
         table = table.assign(size=(table.patched_metric).abs()).nlargest(k or self.config.top_heads, "size")
         return [(int(l), int(h)) for l, h in zip(table.layer, table["head"])]
 
-    @_analysis
+    @_analysis(uses=("top_heads",))
     def head_input_patching(self) -> pd.DataFrame:
         """Queries, keys, values and patterns of the top heads, patched one at a time."""
         heads = self.top_heads()
@@ -186,7 +195,7 @@ class Study:
 
     # --- Path patching -------------------------------------------------------------------------
 
-    @_analysis
+    @_analysis(uses=("n_path",))
     def path_patching_to_logits(self) -> pd.DataFrame:
         clean, corrupted = self.path_data
         return fast_paths.path_patch_sweep(self.model, clean, corrupted, "logits")
@@ -194,7 +203,7 @@ class Study:
     def name_movers(self) -> list[tuple[int, int]]:
         return list(self.circuit().classes.get("name mover", ()))
 
-    @_analysis
+    @_analysis(uses=("n_path",))
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
         clean, corrupted = self.path_data
@@ -202,7 +211,7 @@ class Study:
             self.model, clean, corrupted, self.name_movers(), "q", "END"
         )
 
-    @_analysis
+    @_analysis(uses=("n_path",))
     def path_patching_to_s_inhibition(self) -> pd.DataFrame:
         """Senders into the S-inhibition heads' values at S2: finds induction and
         duplicate-token heads."""
