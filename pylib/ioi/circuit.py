@@ -17,6 +17,7 @@ when a place or object is several tokens, so we group by template and by the nam
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,16 +248,21 @@ def _greedy_subset(model, circuit, clean, means, size: int) -> dict:
 
 def minimality(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset) -> pd.DataFrame:
     """For each head v: |F(C \\ (K + v)) - F(C \\ K)| relative to F(C), for K empty and K = the
-    rest of v's class (the paper's App. K picks K by hand; we take the larger of the two)."""
+    rest of v's class (the paper's App. K picks K by hand; we take the larger of the two).
+    Each distinct knockout runs once: K + v is the whole class for every v of a class."""
     means = group_means(model, corrupted)
-    f_c = knockout(model, (), clean, means, circuit)
+
+    @functools.lru_cache(maxsize=None)
+    def f_without(heads: frozenset) -> float:
+        return knockout(model, tuple(sorted(heads)), clean, means, circuit)
+
+    f_c = f_without(frozenset())
     rows = []
     for cls, heads in tqdm(list(circuit.classes.items()), desc="minimality", leave=False):
         for v in heads:
             best = {"change": -1.0}
-            for k_name, k in (("empty", ()), ("rest of class", tuple(h for h in heads if h != v))):
-                before = knockout(model, k, clean, means, circuit)
-                after = knockout(model, k + (v,), clean, means, circuit)
+            for k_name, k in (("empty", frozenset()), ("rest of class", frozenset(heads) - {v})):
+                before, after = f_without(k), f_without(k | {v})
                 change = abs(after - before)
                 if change > best["change"]:
                     best = {"K": k_name, "F_before": before, "F_after": after, "change": change}
