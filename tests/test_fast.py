@@ -159,3 +159,44 @@ def test_named_residual_patching_matches_the_hook_sweep(tiny_model):
     got = fast.resid_named_frame(tiny_model, clean, corrupted)
     expected = patch_residual(tiny_model, clean, corrupted)
     np.testing.assert_allclose(got.logit_diff, expected.logit_diff, atol=1e-4)
+
+
+def test_layer_output_patching_matches_the_hook_sweep(tiny_model):
+    """Whole attention and MLP layer outputs patched at every position, across prompts of
+    different lengths, agree with the hook-based reference."""
+    from ioi.patching import patch_layer_outputs
+
+    clean, corrupted = make_pair(tiny_model, n=10, templates="full")
+    got = fast.layer_out_frame(tiny_model, clean, corrupted)
+    for component in ("attn", "mlp"):
+        expected = patch_layer_outputs(tiny_model, clean, corrupted, component)
+        corrupted_ld = _corrupted_ld(tiny_model, clean, corrupted)
+        effect = got[got.component == component].logit_diff.to_numpy() - corrupted_ld
+        expected_effect = expected.logit_diff.to_numpy() - corrupted_ld
+        assert np.abs(expected_effect).max() > 1e-4
+        np.testing.assert_allclose(effect, expected_effect, rtol=0.01, atol=1e-6)
+
+
+def test_head_input_patching_matches_the_hook_sweeps(tiny_model):
+    """Queries, keys, values and patterns of chosen heads agree with the hook-based sweeps,
+    including the key/value head mapping under grouped-query attention."""
+    from ioi import patching
+
+    clean, corrupted = make_pair(tiny_model, n=10, templates="full")
+    heads = [(0, 3), (1, 0), (2, 1), (2, 2)]
+    got = fast.head_input_frame(tiny_model, clean, corrupted, heads)
+    for activation, sweep in (("q", patching.patch_head_queries), ("k", patching.patch_head_keys),
+                              ("v", patching.patch_head_values), ("pattern", patching.patch_head_patterns)):
+        expected = sweep(tiny_model, clean, corrupted, heads=heads)
+        ours = got[got.activation == activation]
+        assert list(zip(ours.layer, ours["head"])) == list(zip(expected.layer, expected["head"]))
+        # the effects on a random model are small: compare them, to a tolerance well below them
+        corrupted_ld = _corrupted_ld(tiny_model, clean, corrupted)
+        effect, expected_effect = ours.logit_diff - corrupted_ld, expected.logit_diff - corrupted_ld
+        assert expected_effect.abs().max() > 5e-6
+        np.testing.assert_allclose(effect, expected_effect, rtol=0.05, atol=1e-6)
+
+
+def _corrupted_ld(model, clean, corrupted):
+    with torch.inference_mode():
+        return fast.end_logit_diff(fast.as_fast(model), corrupted.tokens, clean.end, clean.io_token, clean.s_token).mean().item()

@@ -17,7 +17,6 @@ when a place or object is several tokens, so we group by template and by the nam
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ioi import fast_ablation
 from ioi.dataset import DATA_DIR, POSITIONS, IOIDataset
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
 from ioi.patching import run_with_cache
@@ -140,6 +140,28 @@ def run_circuit(model, circuit: Circuit, dataset: IOIDataset, means: dict) -> Fl
 
 
 # --- The three criteria --------------------------------------------------------------------------
+#
+# They run on the fast engine (`ioi.fast_ablation`): the same numbers as `run_circuit`, computed
+# from one cached run per base circuit, each knockout only from the layer where it starts to differ.
+
+
+def mean_ablation(model, clean: IOIDataset, corrupted: IOIDataset) -> fast_ablation.MeanAblation:
+    """The clean prompts with each head's per-template, per-alignment mean over the ABC prompts."""
+    groups = torch.as_tensor(alignment_groups(corrupted))
+    return fast_ablation.prepare(
+        model, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens, groups
+    )
+
+
+def circuit_logit_diffs(
+    model, circuits: list[Circuit], clean: IOIDataset, ablation, base: Circuit | None = None
+) -> Float[Tensor, "circuit batch"]:
+    """Per-prompt logit difference of each circuit run alone (everything else mean-ablated).
+    Give as `base` the circuit they are knockouts of: each runs from where it differs from it."""
+    for circuit in circuits:
+        check_circuit(model, circuit)
+    keeps = [keep_mask(model, c, clean) for c in circuits]
+    return fast_ablation.logit_diffs(ablation, keeps, None if base is None else keep_mask(model, base, clean))
 
 
 def ratio_ci(numerator, denominator, seed: int = 0) -> tuple[float, float]:
@@ -156,12 +178,16 @@ def ratio_ci(numerator, denominator, seed: int = 0) -> tuple[float, float]:
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def faithfulness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, seed: int = 0, means=None) -> dict:
+def circuit_and_model(model, circuit, clean, corrupted, ablation):
+    """Per-prompt F(C) and F(M) (the whole model) as float64 arrays."""
+    ablation = ablation or mean_ablation(model, clean, corrupted)
+    values = circuit_logit_diffs(model, [circuit, whole_model(model)], clean, ablation)
+    return values[0].double().numpy(), values[1].double().numpy()
+
+
+def faithfulness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, seed: int = 0, ablation=None) -> dict:
     """F(C), F(M) and F(C)/F(M) with a 95% paired bootstrap interval."""
-    means = means or group_means(model, corrupted)
-    f_c = run_circuit(model, circuit, clean, means).double().numpy()
-    with torch.inference_mode():
-        f_m = logit_diff(model(clean.tokens), clean).double().numpy()
+    f_c, f_m = circuit_and_model(model, circuit, clean, corrupted, ablation)
     low, high = ratio_ci(f_c, f_m, seed)
     return {
         "F_C": float(f_c.mean()),
@@ -175,10 +201,7 @@ def faithfulness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDatas
 
 def faithfulness_by_template(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, seed: int = 0) -> pd.DataFrame:
     """Faithfulness and the baseline logit difference per template, each with its CI."""
-    means = group_means(model, corrupted)
-    f_c = run_circuit(model, circuit, clean, means).double().numpy()
-    with torch.inference_mode():
-        f_m = logit_diff(model(clean.tokens), clean).double().numpy()
+    f_c, f_m = circuit_and_model(model, circuit, clean, corrupted, None)
     rows = []
     for template_id in sorted(set(clean.template_id)):
         at = clean.template_id == template_id
@@ -200,71 +223,78 @@ def faithfulness_by_template(model, circuit: Circuit, clean: IOIDataset, corrupt
     return pd.DataFrame(rows)
 
 
-def knockout(model, heads, dataset: IOIDataset, means: dict, circuit: Circuit | None = None) -> float:
-    """F of the circuit (or, with circuit=None, the whole model) with `heads` ablated too."""
-    base = circuit if circuit is not None else whole_model(model)
-    return run_circuit(model, base.without(heads), dataset, means).mean().item()
+def knockouts(model, base: Circuit, subsets: list, clean: IOIDataset, ablation) -> np.ndarray:
+    """F(base \\ K), the mean logit difference, for each K in `subsets`."""
+    variants = [base.without(k) for k in subsets]
+    return circuit_logit_diffs(model, variants, clean, ablation, base=base).mean(-1).double().numpy()
 
 
 def completeness(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset, n_random: int = 10, greedy_size: int = 3, seed: int = 0) -> pd.DataFrame:
     """Incompleteness |F(C \\ K) - F(M \\ K)| for random, class-wise and greedy subsets K."""
-    means = group_means(model, corrupted)
+    ablation = mean_ablation(model, clean, corrupted)
     rng = np.random.default_rng(seed)
     subsets = [("empty", ())]
     subsets += [(f"class: {c}", hs) for c, hs in circuit.classes.items() if hs]
     for i in range(n_random):
         subsets.append((f"random {i}", tuple(h for h in circuit.heads if rng.random() < 0.5)))
-    rows = []
-    for kind, heads in tqdm(subsets, desc="completeness", leave=False):
-        rows.append(_incompleteness_row(model, circuit, clean, means, kind, heads))
-    rows.append(_greedy_subset(model, circuit, clean, means, greedy_size))
+    ks = [heads for _, heads in subsets]
+    f_c = knockouts(model, circuit, ks, clean, ablation)
+    f_m = knockouts(model, whole_model(model), ks, clean, ablation)
+    rows = [_incompleteness_row(kind, k, c, m) for (kind, k), c, m in zip(subsets, f_c, f_m)]
+    rows.append(_greedy_subset(model, circuit, clean, ablation, greedy_size))
     return pd.DataFrame(rows)
 
 
-def _incompleteness_row(model, circuit, clean, means, kind, heads) -> dict:
-    f_c_k = knockout(model, heads, clean, means, circuit)
-    f_m_k = knockout(model, heads, clean, means)
+def _incompleteness_row(kind: str, heads, f_c_k: float, f_m_k: float) -> dict:
     return {
         "subset": kind,
         "K": " ".join(f"{l}.{h}" for l, h in heads),
-        "F_C_minus_K": f_c_k,
-        "F_M_minus_K": f_m_k,
-        "incompleteness": abs(f_c_k - f_m_k),
+        "F_C_minus_K": float(f_c_k),
+        "F_M_minus_K": float(f_m_k),
+        "incompleteness": abs(float(f_c_k) - float(f_m_k)),
     }
 
 
-def _greedy_subset(model, circuit, clean, means, size: int) -> dict:
+def _greedy_subset(model, circuit, clean, ablation, size: int) -> dict:
     """The paper's greedy search: grow K one head at a time, each time taking the head that
     makes the incompleteness largest."""
     chosen: list[Head] = []
     best = None
-    for _ in range(min(size, len(circuit.heads))):
+    for _ in tqdm(range(min(size, len(circuit.heads))), desc="greedy completeness", leave=False):
         candidates = [h for h in circuit.heads if h not in chosen]
-        scored = [_incompleteness_row(model, circuit, clean, means, "greedy", chosen + [h]) for h in candidates]
-        best = max(scored, key=lambda r: r["incompleteness"])
-        chosen = [tuple(int(x) for x in s.split(".")) for s in best["K"].split()]
+        singles = [(h,) for h in candidates]
+        f_c = knockouts(model, circuit.without(chosen), singles, clean, ablation)
+        f_m = knockouts(model, whole_model(model).without(chosen), singles, clean, ablation)
+        i = int(np.argmax(np.abs(f_c - f_m)))
+        chosen.append(candidates[i])
+        best = _incompleteness_row("greedy", chosen, f_c[i], f_m[i])
     return best
 
 
 def minimality(model, circuit: Circuit, clean: IOIDataset, corrupted: IOIDataset) -> pd.DataFrame:
     """For each head v: |F(C \\ (K + v)) - F(C \\ K)| relative to F(C), for K empty and K = the
     rest of v's class (the paper's App. K picks K by hand; we take the larger of the two).
-    Each distinct knockout runs once: K + v is the whole class for every v of a class."""
-    means = group_means(model, corrupted)
-
-    @functools.lru_cache(maxsize=None)
-    def f_without(heads: frozenset) -> float:
-        return knockout(model, tuple(sorted(heads)), clean, means, circuit)
-
-    f_c = f_without(frozenset())
+    F(C \\ {v}) runs from C's cached run, F(C \\ (class - v)) from C \\ class's: each from v's layer."""
+    ablation = mean_ablation(model, clean, corrupted)
+    heads = circuit.heads
+    singles = knockouts(model, circuit, [()] + [(v,) for v in heads], clean, ablation)
+    f_c, f_without = singles[0], dict(zip(heads, singles[1:]))
     rows = []
-    for cls, heads in tqdm(list(circuit.classes.items()), desc="minimality", leave=False):
-        for v in heads:
-            best = {"change": -1.0}
-            for k_name, k in (("empty", frozenset()), ("rest of class", frozenset(heads) - {v})):
-                before, after = f_without(k), f_without(k | {v})
-                change = abs(after - before)
-                if change > best["change"]:
-                    best = {"K": k_name, "F_before": before, "F_after": after, "change": change}
-            rows.append({"class": cls, "layer": v[0], "head": v[1], **best, "relative_change": best["change"] / abs(f_c)})
+    for cls, members in tqdm(list(circuit.classes.items()), desc="minimality", leave=False):
+        if not members:
+            continue
+        # K = rest of class: C \ K is C \ class with v restored; C \ (K + v) is C \ class
+        without_class = circuit.without(members)
+        rest = circuit_logit_diffs(
+            model, [without_class] + [circuit.without(set(members) - {v}) for v in members],
+            clean, ablation, base=without_class,
+        ).mean(-1).double().numpy()
+        f_class, f_rest = rest[0], rest[1:]
+        for v, f_rest_v in zip(members, f_rest):
+            options = {"empty": (f_c, f_without[v]), "rest of class": (f_rest_v, f_class)}
+            k_name = max(options, key=lambda k: abs(options[k][1] - options[k][0]))
+            before, after = options[k_name]
+            change = abs(after - before)
+            rows.append({"class": cls, "layer": v[0], "head": v[1], "K": k_name, "F_before": float(before),
+                         "F_after": float(after), "change": float(change), "relative_change": float(change / abs(f_c))})
     return pd.DataFrame(rows)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ioi.circuit import Circuit, faithfulness, group_means
+from ioi.circuit import Circuit, faithfulness, mean_ablation
 
 DIRECT_SHARE = 0.1  # |DLA| above this share of the logit difference counts as a direct effect
 ATTENTION_FLOOR = 0.1  # a head is called induction/duplicate/previous only above this score
@@ -31,11 +31,11 @@ def find_circuit(model, clean, corrupted, head_patching: pd.DataFrame, target: f
     ranked = head_patching.assign(size=head_patching.patched_metric.abs())
     ranked = ranked.sort_values("size", ascending=False, ignore_index=True)
     heads = [(int(l), int(h)) for l, h in zip(ranked.layer, ranked["head"])]
-    means = group_means(model, corrupted)
+    ablation = mean_ablation(model, clean, corrupted)
 
     def faith(k: int) -> float:
         circuit = Circuit({"found": tuple(heads[:k])}, {"found": "ALL"})
-        return faithfulness(model, circuit, clean, corrupted, means=means)["faithfulness"]
+        return faithfulness(model, circuit, clean, corrupted, ablation=ablation)["faithfulness"]
 
     evaluated = {}
     low, high = 0, len(heads)  # faith(len(heads)) is 1: nothing is ablated

@@ -200,6 +200,31 @@ def keys_values(
     return rotate(fast, k, pos), v
 
 
+def queries(
+    fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"], pos: Int[Tensor, "batch row"]
+) -> Float[Tensor, "batch row head d_head"]:
+    return rotate(fast, torch.einsum("brd,hde->brhe", x, layer.W_Q) + layer.b_Q, pos)
+
+
+def attention_pattern(
+    q: Float[Tensor, "batch row head d_head"],
+    k: Float[Tensor, "batch key kv_head d_head"],
+    pos: Int[Tensor, "batch row"],
+) -> Float[Tensor, "batch head row key"]:
+    """Each row's heads attend causally (keys at positions <= the row's position)."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # query head h reads kv head h//group
+    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
+    future = torch.arange(k.shape[1], device=pos.device)[None, None, None] > pos[:, None, :, None]
+    return scores.masked_fill(future, float("-inf")).softmax(-1)
+
+
+def attend(
+    pattern: Float[Tensor, "batch head row key"], v: Float[Tensor, "batch key kv_head d_head"]
+) -> Float[Tensor, "batch row head d_head"]:
+    v = v.repeat_interleave(pattern.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhrk,bkhe->brhe", pattern, v)
+
+
 def attention_z(
     fast: FastModel,
     layer: Layer,
@@ -208,14 +233,8 @@ def attention_z(
     k: Float[Tensor, "batch key kv_head d_head"],
     v: Float[Tensor, "batch key kv_head d_head"],
 ) -> Float[Tensor, "batch row head d_head"]:
-    """Each row's heads attend causally (keys at positions <= the row's position) over `k`, `v`."""
-    q = rotate(fast, torch.einsum("brd,hde->brhe", x, layer.W_Q) + layer.b_Q, pos)
-    group = q.shape[2] // k.shape[2]  # grouped-query attention: query head h reads kv head h//group
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
-    future = torch.arange(k.shape[1], device=pos.device)[None, None, None] > pos[:, None, :, None]
-    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
-    return torch.einsum("bhrk,bkhe->brhe", pattern, v)
+    """Each row's heads attend causally over `k`, `v` (grouped-query attention)."""
+    return attend(attention_pattern(queries(fast, layer, x, pos), k, pos), v)
 
 
 def head_out(layer: Layer, z: Float[Tensor, "batch row head d_head"]) -> Float[Tensor, "batch row d_model"]:
@@ -266,15 +285,19 @@ class Cache:
     resid_final: Tensor
 
 
-def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Cache:
-    """The full forward, keeping every activation a sweep needs."""
+def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=None) -> Cache:
+    """The full forward, keeping every activation a sweep needs. `edit_z(layer, z, prompt, pos)`,
+    if given, replaces each layer's head outputs before they are used (e.g. mean-ablation)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    prompt = torch.arange(tokens.shape[0], device=tokens.device)
     acts = {name: [] for name in ("resid_pre", "resid_mid", "z", "k", "v", "attn_out", "mlp_out")}
     resid = embed(fast, tokens)
-    for layer in fast.layers:
+    for i, layer in enumerate(fast.layers):
         x = norm(fast, resid)
         k, v = keys_values(fast, layer, x, pos)
         z = attention_z(fast, layer, x, pos, k, v)
+        if edit_z is not None:
+            z = edit_z(i, z, prompt, pos)
         attn_out = head_out(layer, z)
         mid = resid + attn_out
         mlp_out = mlp(fast, layer, norm(fast, mid))
@@ -307,29 +330,34 @@ def run_rows(
     fast: FastModel,
     cache: Cache,
     start_layer: int,
-    resid_mid: Float[Tensor, "n row d_model"],
+    resid: Float[Tensor, "n row d_model"],
     prompt: Int[Tensor, " n"],
     pos: Int[Tensor, "n row"],
     end_row: Int[Tensor, " n"],
+    after_attention: bool = True,
+    edit_z=None,
 ) -> Float[Tensor, "n d_model"]:
-    """Carry changed rows from layer `start_layer`'s residual after attention to the final
-    residual at END (row `end_row` of each variant).
+    """Carry changed rows from layer `start_layer`'s residual stream (after its attention, or
+    before it with after_attention=False) to the final residual at END (row `end_row`).
 
     Row r of variant n sits at absolute position pos[n, r] of prompt prompt[n]. Every position
-    not among the rows is unchanged by the patch, so its keys and values are the cached corrupted
-    ones; the rows' own keys and values are recomputed and written over them. After the last
-    layer's keys and values only END is needed, so the last attention and MLP run on END alone."""
+    not among the rows is unchanged, so its keys and values are the cached ones; the rows' own
+    keys and values are recomputed and written over them. After the last layer's keys and
+    values only END is needed, so the last attention and MLP run on END alone. `edit_z` is as
+    in `run_with_cache`."""
     n_idx = torch.arange(len(prompt), device=pos.device)
     last = fast.n_layers - 1
-    resid = resid_mid
     for i in range(start_layer, fast.n_layers):
         layer = fast.layers[i]
-        if i > start_layer:
+        if i > start_layer or not after_attention:
             x = norm(fast, resid)
             k, v = _with_rows(fast, layer, cache.k[i], cache.v[i], x, prompt, pos)
             if i == last:
                 x, resid, pos = x[n_idx, end_row, None], resid[n_idx, end_row, None], pos[n_idx, end_row, None]
-            resid = resid + head_out(layer, attention_z(fast, layer, x, pos, k, v))
+            z = attention_z(fast, layer, x, pos, k, v)
+            if edit_z is not None:
+                z = edit_z(i, z, prompt, pos)
+            resid = resid + head_out(layer, z)
         elif i == last:
             resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
         resid = resid + mlp(fast, layer, norm(fast, resid))
@@ -417,11 +445,7 @@ def _resid_pre_patched(
     if layer == task.fast.n_layers:
         final = resid[torch.arange(len(prompt)), end_row]
         return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
-    lw = task.fast.layers[layer]
-    x = norm(task.fast, resid)
-    k, v = _with_rows(task.fast, lw, task.corrupted.k[layer], task.corrupted.v[layer], x, prompt, pos)
-    mid = resid + head_out(lw, attention_z(task.fast, lw, x, pos, k, v))
-    final = run_rows(task.fast, task.corrupted, layer, mid, prompt, pos, end_row)
+    final = run_rows(task.fast, task.corrupted, layer, resid, prompt, pos, end_row, after_attention=False)
     return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
 
 
@@ -523,6 +547,83 @@ def _position_patch(task: Task, component: str, layer: int, p: int) -> Float[Ten
     return _resid_pre_patched(task, layer + 1, everyone, (after + diff)[None], p)
 
 
+@torch.inference_mode()
+def layer_out_sweep(
+    model_or_fast,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    component: Literal["attn_out", "mlp_out"] = "attn_out",
+    per_prompt: bool = False,
+) -> Float[Tensor, "layer *batch"]:
+    """Logit difference at END after patching a whole layer's clean attention or MLP output
+    into the corrupted run at every position (as `ioi.patching.patch_layer_outputs`)."""
+    task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
+    fast, clean, corrupted = task.fast, task.clean, task.corrupted
+    out = torch.empty(fast.n_layers, task.batch, dtype=fast.W_E.dtype)
+    for prompts in _length_groups(task):
+        start = task.first_change(prompts)
+        for i in range(fast.n_layers):
+            diff = getattr(clean, component)[i][prompts] - getattr(corrupted, component)[i][prompts]
+            if component == "attn_out":
+                out[i, prompts] = _resid_mid_patched(task, i, prompts, diff[None], start)[0]
+            else:  # an MLP output patch changes the residual stream before the next layer
+                after = corrupted.resid_pre[i + 1] if i + 1 < fast.n_layers else corrupted.resid_final
+                out[i, prompts] = _resid_pre_patched(task, i + 1, prompts, (after[prompts] + diff)[None], start)[0]
+    return out if per_prompt else out.mean(-1)
+
+
+HeadInput = Literal["q", "k", "v", "pattern"]
+
+
+@torch.inference_mode()
+def head_input_sweep(
+    model_or_fast,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    activation: HeadInput,
+    heads: list[tuple[int, int]],
+    per_prompt: bool = False,
+) -> Float[Tensor, "item *batch"]:
+    """Logit difference at END after patching one head's clean queries, keys, values or
+    attention pattern into the corrupted run at every position, for each (layer, head) in
+    `heads` (as `ioi.patching.patch_head_queries`, ...). Keys and values are indexed by key/value
+    head: under grouped-query attention patching one changes every query head of its group."""
+    task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
+    fast = task.fast
+    out = torch.empty(len(heads), task.batch, dtype=fast.W_E.dtype)
+    for prompts in _length_groups(task):
+        start = task.first_change(prompts)
+        for j, (i, head) in enumerate(heads):
+            z = _attention_with_clean(task, i, prompts, activation, head)
+            delta = head_out(fast.layers[i], z - task.corrupted.z[i][prompts]) - fast.layers[i].b_O
+            out[j, prompts] = _resid_mid_patched(task, i, prompts, delta[None], start)[0]
+    return out if per_prompt else out.mean(-1)
+
+
+def _attention_with_clean(task: Task, i: int, prompts: Tensor, activation: HeadInput, head: int):
+    """Layer i's head outputs on the corrupted prompts with one head's `activation` clean."""
+    fast, layer = task.fast, task.fast.layers[i]
+    pos = torch.arange(task.n_pos).expand(len(prompts), -1)
+    runs = {}
+    for name, cache in (("clean", task.clean), ("corrupted", task.corrupted)):
+        x = norm(fast, cache.resid_pre[i][prompts])
+        runs[name] = {"q": queries(fast, layer, x, pos), "k": cache.k[i][prompts], "v": cache.v[i][prompts]}
+    q, k, v = (runs["corrupted"][name].clone() for name in ("q", "k", "v"))
+    if activation == "pattern":
+        pattern = attention_pattern(q, k, pos)
+        pattern[:, head] = attention_pattern(runs["clean"]["q"], runs["clean"]["k"], pos)[:, head]
+        return attend(pattern, v)
+    patched = {"q": q, "k": k, "v": v}[activation]
+    patched[:, :, head] = runs["clean"][activation][:, :, head]
+    return attend(attention_pattern(q, k, pos), v)
+
+
 # --- Tidy results for the report -------------------------------------------------------------
 
 
@@ -557,17 +658,67 @@ def resid_frame(model, clean, corrupted, **kwargs) -> pd.DataFrame:
     return sweep_frame(values, "pos")
 
 
+@torch.inference_mode()
+def resid_named_sweep(
+    model_or_fast,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    positions: Int[Tensor, "name batch"],
+    per_prompt: bool = False,
+) -> Float[Tensor, "layer name *batch"]:
+    """Logit difference at END after patching the clean residual stream before each layer into
+    the corrupted run at each prompt's own position `positions[name, prompt]` (its S2, its END,
+    ...). Rows are carried from the earliest of those positions, so a late position (END) costs
+    a fraction of an early one."""
+    task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
+    everyone = torch.arange(task.batch)
+    out = torch.empty(task.fast.n_layers, len(positions), task.batch, dtype=task.fast.W_E.dtype)
+    for layer in range(task.fast.n_layers):
+        for i, at in enumerate(positions):
+            patched = task.corrupted.resid_pre[layer].clone()
+            patched[everyone, at] = task.clean.resid_pre[layer][everyone, at]
+            out[layer, i] = _resid_pre_patched(task, layer, everyone, patched[None], int(at.min()))[0]
+    return out if per_prompt else out.mean(-1)
+
+
 def resid_named_frame(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2", "END")) -> pd.DataFrame:
-    """The residual stream before each layer patched at each prompt's own named position
-    (as `ioi.patching.patch_residual`). Exact: a prompt's patched logit difference depends on
-    that prompt alone, so patching prompt b at its own S2 is entry [layer, S2_b, b] of the
-    per-prompt absolute-position sweep."""
-    values = resid_sweep(
-        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, per_prompt=True
+    """`resid_named_sweep` on two `IOIDataset`s at their named positions, as a tidy frame
+    (layer, position, logit_diff); the same experiment as `ioi.patching.patch_residual`."""
+    at = torch.stack([clean.positions[name] for name in positions])
+    values = resid_named_sweep(
+        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, at
     )
-    prompts = torch.arange(len(clean))
-    means = {name: values[:, clean.positions[name], prompts].mean(-1) for name in positions}
     return pd.DataFrame(
-        [{"layer": layer, "position": name, "logit_diff": means[name][layer].item()}
-         for layer in range(values.shape[0]) for name in positions]
+        [{"layer": layer, "position": name, "logit_diff": values[layer, i].item()}
+         for layer in range(values.shape[0]) for i, name in enumerate(positions)]
     )
+
+
+def layer_out_frame(model, clean, corrupted) -> pd.DataFrame:
+    """`layer_out_sweep` for attention and MLP outputs, as a tidy frame (layer, logit_diff,
+    component) like `ioi.patching.patch_layer_outputs`."""
+    args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+    frames = []
+    for component in ("attn", "mlp"):
+        values = layer_out_sweep(*args, component=f"{component}_out")
+        frames.append(pd.DataFrame({"layer": range(len(values)), "logit_diff": values.double().numpy(),
+                                    "component": component}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def head_input_frame(model, clean, corrupted, heads: list[tuple[int, int]]) -> pd.DataFrame:
+    """`head_input_sweep` of queries, keys, values and patterns of `heads` (query heads; keys
+    and values are reported per key/value head, once per group), as a tidy frame (layer, head,
+    logit_diff, activation) like the `ioi.patching.patch_head_*` sweeps."""
+    args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+    group = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+    frames = []
+    for activation in ("q", "k", "v", "pattern"):
+        items = sorted({(l, h // group) for l, h in heads}) if activation in ("k", "v") else list(heads)
+        values = head_input_sweep(*args, activation=activation, heads=items)
+        frames.append(pd.DataFrame({"layer": [l for l, _ in items], "head": [h for _, h in items],
+                                    "logit_diff": values.double().numpy(), "activation": activation}))
+    return pd.concat(frames, ignore_index=True)

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from ioi import circuit as circuits
@@ -36,7 +35,7 @@ from ioi import fast_paths
 from ioi.cache import cached
 from ioi.dataset import IOIDataset, load_distribution
 from ioi.discovery import ATTENTION_FLOOR, DIRECT_SHARE
-from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
+from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from ioi.models import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
@@ -252,12 +251,8 @@ def prompt_faithfulness(study: Study, circuit: circuits.Circuit) -> pd.DataFrame
     model, clean, corrupted = study.model, study.clean, study.corrupted
 
     def compute() -> pd.DataFrame:
-        means = circuits.group_means(model, corrupted)
-        f_c = circuits.run_circuit(model, circuit, clean, means)
-        with torch.inference_mode():
-            f_m = logit_diff(model(clean.tokens), clean)
-        return pd.DataFrame({"template_id": clean.template_id, "order": clean.order,
-                             "F_C": f_c.double().numpy(), "F_M": f_m.double().numpy()})
+        f_c, f_m = circuits.circuit_and_model(model, circuit, clean, corrupted, None)
+        return pd.DataFrame({"template_id": clean.template_id, "order": clean.order, "F_C": f_c, "F_M": f_m})
 
     params = {"config": repr(study.config), "circuit": circuit.to_frame().to_dict("records")}
     return cached("followup_prompt_faithfulness", compute, params, model, (clean, corrupted))

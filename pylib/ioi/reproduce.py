@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from ioi import plots

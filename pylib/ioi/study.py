@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ioi import circuit as circuits
-from ioi import fast, fast_paths, head_scores, logit_attribution, metrics, patching
+from ioi import fast, fast_paths, head_scores, logit_attribution, metrics
 from ioi.cache import cached
 from ioi.dataset import corrupt, make_dataset
 from ioi.discovery import classify_heads, find_circuit
@@ -147,9 +147,8 @@ class Study:
 
     @_analysis
     def layer_patching(self) -> pd.DataFrame:
-        attn = patching.patch_layer_outputs(self.model, self.clean, self.corrupted, "attn")
-        mlp = patching.patch_layer_outputs(self.model, self.clean, self.corrupted, "mlp")
-        return pd.concat([attn, mlp], ignore_index=True)
+        """Each layer's whole attention and MLP output, all positions (fast, exact)."""
+        return self._normalised(fast.layer_out_frame(self.model, self.clean, self.corrupted))
 
     @_analysis
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
@@ -180,14 +179,9 @@ class Study:
 
     @_analysis(uses=("top_heads",))
     def head_input_patching(self) -> pd.DataFrame:
-        """Queries, keys, values and patterns of the top heads, patched one at a time."""
-        heads = self.top_heads()
-        sweeps = [patching.patch_head_queries, patching.patch_head_keys,
-                  patching.patch_head_values, patching.patch_head_patterns]
-        return pd.concat(
-            [sweep(self.model, self.clean, self.corrupted, heads=heads) for sweep in sweeps],
-            ignore_index=True,
-        )
+        """Queries, keys, values and patterns of the top heads, patched one at a time (fast, exact)."""
+        frame = fast.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
+        return self._normalised(frame)
 
     # --- Head classes --------------------------------------------------------------------------
 

@@ -1,0 +1,142 @@
+"""The fast mean-ablation engine against the hook-based reference `ioi.circuit.run_circuit`."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import make_pair
+from jaxtyping import TypeCheckError
+
+from ioi import circuit as C
+from ioi import fast_ablation
+from ioi.metrics import logit_diff
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model):
+    return make_pair(tiny_model, n=16, templates="full")
+
+
+def _circuits(model):
+    """Circuits mixing every kind of kept position, and one that keeps nothing."""
+    return [
+        C.Circuit({"a": ((0, 1), (2, 0)), "b": ((1, 2),), "c": ((2, 3),)}, {"a": "END", "b": "S2", "c": "ALL"}),
+        C.Circuit({"a": ((1, 0), (1, 3)), "b": ((0, 2), (2, 1))}, {"a": "ALL", "b": "S1+1"}),
+        C.Circuit({}, {}),
+        C.whole_model(model),
+    ]
+
+
+def _reference(model, circuit, clean, corrupted):
+    return C.run_circuit(model, circuit, clean, C.group_means(model, corrupted))
+
+
+def test_circuits_match_the_hooked_reference(tiny_model, data):
+    """Every circuit's per-prompt logit difference equals the hook-based run's."""
+    clean, corrupted = data
+    ablation = C.mean_ablation(tiny_model, clean, corrupted)
+    circuits = _circuits(tiny_model)
+    got = C.circuit_logit_diffs(tiny_model, circuits, clean, ablation)
+    for circuit, values in zip(circuits, got):
+        torch.testing.assert_close(values, _reference(tiny_model, circuit, clean, corrupted), atol=1e-4, rtol=0)
+
+
+def test_whole_model_is_the_clean_run(tiny_model, data):
+    clean, corrupted = data
+    ablation = C.mean_ablation(tiny_model, clean, corrupted)
+    got = C.circuit_logit_diffs(tiny_model, [C.whole_model(tiny_model)], clean, ablation)[0]
+    with torch.inference_mode():
+        expected = logit_diff(tiny_model(clean.tokens), clean)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("batch_size", [1, 512])
+def test_knockouts_from_a_base_match_the_reference(tiny_model, data, batch_size):
+    """Knockouts run from the base's cached run (removing heads, and restoring one on top of a
+    smaller base, as minimality does) equal each one run from scratch with hooks, whatever the
+    stacking of variants."""
+    clean, corrupted = data
+    ablation = C.mean_ablation(tiny_model, clean, corrupted)
+    circuit = _circuits(tiny_model)[0]
+    base = circuit.without([(0, 1), (2, 0)])
+    variants = [base, circuit.without([(0, 1)]), circuit.without([(2, 0)]), circuit, base.without([(2, 3)])]
+    keeps = [C.keep_mask(tiny_model, c, clean) for c in variants]
+    got = fast_ablation.logit_diffs(ablation, keeps, C.keep_mask(tiny_model, base, clean), batch_size)
+    for variant, values in zip(variants, got):
+        torch.testing.assert_close(values, _reference(tiny_model, variant, clean, corrupted), atol=1e-4, rtol=0)
+
+
+def test_variants_start_where_they_differ(tiny_model, data):
+    clean, _ = data
+    circuit = _circuits(tiny_model)[0]
+    base = C.keep_mask(tiny_model, circuit, clean)
+    assert fast_ablation.start_layer(base, base) == tiny_model.cfg.n_layers
+    assert fast_ablation.start_layer(base, C.keep_mask(tiny_model, circuit.without([(2, 0)]), clean)) == 2
+    assert fast_ablation.start_layer(base, C.keep_mask(tiny_model, circuit.without([(1, 2)]), clean)) == 1
+
+
+@pytest.mark.parametrize("prepend_bos", [False, True])
+def test_nothing_changes_before_the_first_change(tiny_model, prepend_bos):
+    """Before `first_change` every prompt's group mean is its own clean head output, so
+    ablation there changes nothing; at `first_change` some mean differs."""
+    clean, corrupted = make_pair(tiny_model, n=16, templates="full", prepend_bos=prepend_bos)
+    ablation = C.mean_ablation(tiny_model, clean, corrupted)
+    first = ablation.first_change
+    assert 0 < first <= int(clean.end.min())
+    _, cache = C.run_with_cache(tiny_model, clean, [f"blocks.{l}.attn.hook_z" for l in range(tiny_model.cfg.n_layers)])
+    for layer, mean in enumerate(ablation.mean_z):
+        own = cache[f"blocks.{layer}.attn.hook_z"]
+        torch.testing.assert_close(mean[:, :first], own[:, :first], atol=1e-5, rtol=0)
+    assert any((mean[:, first] - cache[f"blocks.{l}.attn.hook_z"][:, first]).abs().max() > 1e-4
+               for l, mean in enumerate(ablation.mean_z))
+
+
+def test_no_variants_is_an_error(tiny_gpt2):
+    clean, corrupted = make_pair(tiny_gpt2, n=4)
+    with pytest.raises(ValueError, match="no variants"):
+        fast_ablation.logit_diffs(C.mean_ablation(tiny_gpt2, clean, corrupted), [])
+
+
+def test_misaligned_reference_is_an_error(tiny_gpt2):
+    """Our clear error, or jaxtyping's shape check when the tests run with it."""
+    clean, corrupted = make_pair(tiny_gpt2, n=4)
+    with pytest.raises((ValueError, TypeCheckError)):
+        fast_ablation.prepare(tiny_gpt2, clean.tokens, clean.end, clean.io_token, clean.s_token,
+                              corrupted.tokens[:2], torch.zeros(4, dtype=torch.long))
+
+
+def _naive_f(model, circuit, clean, corrupted):
+    return _reference(model, circuit, clean, corrupted).mean().item()
+
+
+def test_completeness_and_minimality_match_naive_definitions(tiny_gpt2):
+    """The criteria's bookkeeping (which knockouts, from which base, the greedy choice) gives the
+    numbers of their definitions computed naively, one hooked run per knockout."""
+    clean, corrupted = make_pair(tiny_gpt2, n=8)
+    circuit = C.Circuit({"a": ((0, 1), (1, 0), (2, 2)), "b": ((2, 3), (1, 1))}, {"a": "END", "b": "ALL"})
+    whole = C.whole_model(tiny_gpt2)
+    f = lambda c: _naive_f(tiny_gpt2, c, clean, corrupted)  # noqa: E731
+
+    table = C.completeness(tiny_gpt2, circuit, clean, corrupted, n_random=2, greedy_size=2)
+    for _, row in table.iterrows():
+        k = [tuple(int(x) for x in h.split(".")) for h in row.K.split()]
+        assert row.F_C_minus_K == pytest.approx(f(circuit.without(k)), abs=1e-4)
+        assert row.F_M_minus_K == pytest.approx(f(whole.without(k)), abs=1e-4)
+    chosen = []
+    for _ in range(2):  # the greedy search, naively
+        scores = {h: abs(f(circuit.without(chosen + [h])) - f(whole.without(chosen + [h])))
+                  for h in circuit.heads if h not in chosen}
+        chosen.append(max(scores, key=scores.get))
+    assert table.iloc[-1].K == " ".join(f"{l}.{h}" for l, h in chosen)
+
+    mini = C.minimality(tiny_gpt2, circuit, clean, corrupted).set_index(["layer", "head"])
+    f_c = f(circuit)
+    for cls, members in circuit.classes.items():
+        for v in members:
+            rest = [h for h in members if h != v]
+            changes = {"empty": abs(f(circuit.without([v])) - f_c),
+                       "rest of class": abs(f(circuit.without(members)) - f(circuit.without(rest)))}
+            row = mini.loc[v]
+            assert row.change == pytest.approx(max(changes.values()), abs=1e-4)
+            assert row.relative_change == pytest.approx(row.change / abs(f_c))
+    assert isinstance(mini, pd.DataFrame) and np.isfinite(mini.change).all()
