@@ -77,3 +77,51 @@ def test_compare_with_exact_reports_its_keys(tiny_model):
 def test_top_k_overlap():
     assert top_k_overlap([5, -4, 3, 0], [1, 2, 3, 4], k=2) == 0.0
     assert top_k_overlap([5, -4, 3, 0], [-9, 8, 0, 0], k=2) == 1.0
+
+
+def _bridge_gradient_product(model, clean, corrupted, hook_suffix, pattern):
+    """(clean a - corrupted a) . dM/da for the bridge's `hook_suffix` activations, by layer."""
+    wanted = lambda name: name.endswith(hook_suffix)  # noqa: E731
+    with torch.inference_mode():
+        _, clean_cache = model.run_with_cache(clean.tokens, names_filter=wanted)
+    kept = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        kept[hook.name] = act
+        return act
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=[(wanted, keep)])
+        logit_diff(logits, clean).mean().backward()
+    names = sorted(kept, key=lambda n: int(n.split(".")[1]))
+    return torch.stack([torch.einsum(pattern, clean_cache[n] - kept[n].detach(), kept[n].grad) for n in names])
+
+
+def test_input_and_layer_attributions_equal_the_bridges(tiny_model):
+    """Queries, values, and whole attention and MLP outputs: the same gradient products as the
+    bridge's hooks give (keys are compared after rotation, which first order does not see)."""
+    clean, corrupted = make_pair(tiny_model, n=6)
+    ours = attribute(tiny_model, *_args(clean, corrupted))
+    for name, suffix, pattern in (("q", "attn.hook_q", "bphe,bphe->h"), ("v", "attn.hook_v", "bphe,bphe->h"),
+                                  ("attn_out", "hook_attn_out", "bpd,bpd->"), ("mlp_out", "hook_mlp_out", "bpd,bpd->")):
+        expected = _bridge_gradient_product(tiny_model, clean, corrupted, suffix, pattern)
+        torch.testing.assert_close(getattr(ours, name), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_output_attribution_is_the_sum_over_heads(tiny_model):
+    """attn_out is linear in the heads' outputs, so its first-order effect is theirs summed."""
+    clean, corrupted = make_pair(tiny_model, n=6)
+    ours = attribute(tiny_model, *_args(clean, corrupted))
+    torch.testing.assert_close(ours.attn_out, ours.head.sum(1), atol=1e-6, rtol=1e-4)
+
+
+def test_component_comparison_covers_every_kind(tiny_model):
+    from ioi.attribution_patching import compare_components
+
+    clean, corrupted = make_pair(tiny_model, n=6)
+    result = compare_components(tiny_model, clean, corrupted)
+    assert {"head_out", "resid_pre", "attn_out", "mlp_out", "q", "k", "v"} <= set(result)
+    cfg = tiny_model.cfg
+    assert result["q"]["n"] == cfg.n_layers * cfg.n_heads and result["mlp_out"]["n"] == cfg.n_layers
+    assert all(-1 <= result[k]["pearson_r"] <= 1 for k in ("head_out", "q", "k", "v", "mlp_out"))

@@ -140,3 +140,41 @@ def test_completeness_and_minimality_match_naive_definitions(tiny_gpt2):
             assert row.change == pytest.approx(max(changes.values()), abs=1e-4)
             assert row.relative_change == pytest.approx(row.change / abs(f_c))
     assert isinstance(mini, pd.DataFrame) and np.isfinite(mini.change).all()
+
+
+def test_knockout_estimates_are_first_order_effects(tiny_model, data):
+    """Move each kept head's output only eps of the way to its mean: the exact change of F is
+    then eps times the estimate, up to O(eps^2). (Means equal to the base run's own outputs,
+    plus eps of the difference, leave the base run as it is.)"""
+    clean, corrupted = data
+    ablation = C.mean_ablation(tiny_model, clean, corrupted)
+    circuit = _circuits(tiny_model)[0]
+    keep = C.keep_mask(tiny_model, circuit, clean)
+    f_base, estimates = fast_ablation.knockout_estimates(ablation, keep)
+    with torch.inference_mode():
+        own = fast_ablation.base_run(ablation, keep).z
+    eps = 1e-3
+    nudged = tuple(z + eps * (mean - z) for z, mean in zip(own, ablation.mean_z))
+    near = fast_ablation.MeanAblation(**{**ablation.__dict__, "mean_z": nudged})
+    heads = circuit.heads
+    exact = C.circuit_logit_diffs(tiny_model, [circuit.without([h]) for h in heads], clean, near, base=circuit).mean(-1)
+    assert f_base == pytest.approx(C.circuit_logit_diffs(tiny_model, [circuit], clean, ablation)[0].mean().item(), abs=1e-5)
+    for h, value in zip(heads, exact):
+        expected = eps * float(estimates[h])
+        assert float(value) - f_base == pytest.approx(expected, abs=1e-7 + 0.02 * abs(expected))
+    assert estimates.abs().max() > 0 and (estimates[~keep.any(1).any(1)] == 0).all()
+
+
+def test_screened_greedy_with_every_head_is_the_greedy(tiny_gpt2):
+    """A screen that keeps every candidate changes nothing; a narrow one still returns a valid,
+    exactly evaluated K."""
+    clean, corrupted = make_pair(tiny_gpt2, n=8)
+    circuit = C.Circuit({"a": ((0, 1), (1, 0), (2, 2)), "b": ((2, 3), (1, 1))}, {"a": "END", "b": "ALL"})
+    full = C.completeness(tiny_gpt2, circuit, clean, corrupted, n_random=0, greedy_size=2)
+    screened = C.completeness(tiny_gpt2, circuit, clean, corrupted, n_random=0, greedy_size=2, greedy_candidates=5)
+    pd.testing.assert_frame_equal(full, screened)
+    narrow = C.completeness(tiny_gpt2, circuit, clean, corrupted, n_random=0, greedy_size=2, greedy_candidates=1)
+    greedy = narrow.iloc[-1]
+    k = [tuple(int(x) for x in h.split(".")) for h in greedy.K.split()]
+    assert len(k) == 2 and set(k) <= set(circuit.heads)
+    assert greedy.F_C_minus_K == pytest.approx(_naive_f(tiny_gpt2, circuit.without(k), clean, corrupted), abs=1e-4)

@@ -36,6 +36,11 @@ class Attribution:
 
     head_pos: Float[Tensor, "layer pos head"]  # a head's output (hook_z) at one position
     resid_pre: Float[Tensor, "layer pos"]  # the residual stream before a layer, at one position
+    attn_out: Float[Tensor, " layer"]  # a whole attention layer's output, every position
+    mlp_out: Float[Tensor, " layer"]  # a whole MLP layer's output, every position
+    q: Float[Tensor, "layer head"]  # a head's queries, every position
+    k: Float[Tensor, "layer kv_head"]  # a key/value head's keys (rotated; the same to first order)
+    v: Float[Tensor, "layer kv_head"]
     corrupted_logit_diff: float  # the metric on the unpatched corrupted run
 
     @property
@@ -44,26 +49,31 @@ class Attribution:
         return self.head_pos.sum(1)
 
 
+ACTIVATIONS = ("resid_pre", "q", "k", "v", "z", "attn_out", "mlp_out")
+
+
 def _forward(fast: fastlib.FastModel, tokens: Tensor, keep_grad: bool):
-    """The forward, returning every layer's resid_pre and z (with .grad kept if asked) and the
-    final residual stream."""
+    """The forward, returning every layer's activations by name (with .grad kept if asked) and
+    the final residual stream."""
     pos = torch.arange(tokens.shape[1]).expand(tokens.shape)
     resid = fastlib.embed(fast, tokens)
     if keep_grad:
         resid.requires_grad_(True)  # the weights are frozen: grads flow from here on
-    resid_pre, zs = [], []
+    acts = {name: [] for name in ACTIVATIONS}
     for layer in fast.layers:
         x = fastlib.norm(fast, resid)
+        q = fastlib.queries(fast, layer, x, pos)
         k, v = fastlib.keys_values(fast, layer, x, pos)
-        z = fastlib.attention_z(fast, layer, x, pos, k, v)
-        if keep_grad:
-            resid.retain_grad()
-            z.retain_grad()
-        resid_pre.append(resid)
-        zs.append(z)
-        mid = resid + fastlib.head_out(layer, z)
-        resid = mid + fastlib.mlp(fast, layer, fastlib.norm(fast, mid))
-    return resid_pre, zs, resid
+        z = fastlib.attend(fastlib.attention_pattern(q, k, pos), v)
+        attn_out = fastlib.head_out(layer, z)
+        mid = resid + attn_out
+        mlp_out = fastlib.mlp(fast, layer, fastlib.norm(fast, mid))
+        for name, value in zip(ACTIVATIONS, (resid, q, k, v, z, attn_out, mlp_out)):
+            if keep_grad:
+                value.retain_grad()
+            acts[name].append(value)
+        resid = mid + mlp_out
+    return acts, resid
 
 
 def attribute(
@@ -74,22 +84,33 @@ def attribute(
     io_token: Int[Tensor, " batch"],
     s_token: Int[Tensor, " batch"],
 ) -> Attribution:
-    """(a_clean - a_corr) . grad for every head output and resid_pre, by layer and position."""
+    """(a_clean - a_corr) . grad for every head's output, queries, keys and values, every
+    layer's attention and MLP output, and resid_pre by layer and position."""
     fast = fastlib.as_fast(model_or_fast)
     with torch.no_grad():
-        clean_resid, clean_z, _ = _forward(fast, clean_tokens, keep_grad=False)
+        clean_acts, _ = _forward(fast, clean_tokens, keep_grad=False)
     with torch.enable_grad():
-        resid_pre, zs, final = _forward(fast, corrupted_tokens, keep_grad=True)
+        acts, final = _forward(fast, corrupted_tokens, keep_grad=True)
         at_end = final[torch.arange(len(end)), end]
         metric = fastlib.logit_diff_at(fast, at_end, io_token, s_token).mean()
         metric.backward()
-    head_pos = torch.stack([
-        torch.einsum("bphe,bphe->ph", c - z.detach(), z.grad) for c, z in zip(clean_z, zs)
-    ])
-    resid = torch.stack([
-        torch.einsum("bpd,bpd->p", c - r.detach(), r.grad) for c, r in zip(clean_resid, resid_pre)
-    ])
-    return Attribution(head_pos, resid, float(metric.detach()))
+
+    def estimate(name: str, pattern: str) -> Tensor:
+        return torch.stack([
+            torch.einsum(pattern, c - a.detach(), a.grad) for c, a in zip(clean_acts[name], acts[name])
+        ])
+
+    per_head = "bphe,bphe->h"
+    return Attribution(
+        head_pos=estimate("z", "bphe,bphe->ph"),
+        resid_pre=estimate("resid_pre", "bpd,bpd->p"),
+        attn_out=estimate("attn_out", "bpd,bpd->"),
+        mlp_out=estimate("mlp_out", "bpd,bpd->"),
+        q=estimate("q", per_head),
+        k=estimate("k", per_head),
+        v=estimate("v", per_head),
+        corrupted_logit_diff=float(metric.detach()),
+    )
 
 
 def compare_with_exact(model, clean, corrupted, batch_size: int = 512) -> dict:
@@ -103,18 +124,65 @@ def compare_with_exact(model, clean, corrupted, batch_size: int = 512) -> dict:
     start = time.perf_counter()
     approx = attribute(model, *args)
     attribution_s = time.perf_counter() - start
-    effect = (exact - approx.corrupted_logit_diff).flatten().double().numpy()
-    estimate = approx.head.flatten().double().numpy()
     return {
-        "pearson_r": float(np.corrcoef(effect, estimate)[0, 1]),
-        "top10_overlap": top_k_overlap(effect, estimate, 10),
+        **agreement(exact - approx.corrupted_logit_diff, approx.head),
         "exact_s": exact_s,
         "attribution_s": attribution_s,
         "speedup": exact_s / attribution_s,
     }
 
 
+def compare_components(model, clean, corrupted) -> dict:
+    """Where attribution patching fails: its agreement with exact patching for each kind of
+    component (the literature reports trouble at MLP0, the residual stream and some queries and
+    keys), and the largest errors. Each entry: Pearson r, top-10 overlap, the number of
+    components, and the exact sweep's seconds."""
+    args = (clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+    approx = attribute(model, *args)
+    base = approx.corrupted_logit_diff
+    first = int((clean.tokens != corrupted.tokens).any(0).nonzero()[0])
+    last = int(clean.end.max()) + 1  # patches outside [first, last) change nothing: left out
+    n_heads = fastlib.as_fast(model).n_heads
+    all_heads = [(l, h) for l in range(len(approx.q)) for h in range(n_heads)]
+    kv_heads = [(l, h) for l in range(len(approx.k)) for h in range(approx.k.shape[1])]
+    exact_sweeps = {
+        "head_out": lambda: fastlib.head_out_sweep(model, *args),
+        "resid_pre": lambda: fastlib.resid_sweep(model, *args)[:, first:last],
+        "attn_out": lambda: fastlib.layer_out_sweep(model, *args, component="attn_out"),
+        "mlp_out": lambda: fastlib.layer_out_sweep(model, *args, component="mlp_out"),
+        "q": lambda: fastlib.head_input_sweep(model, *args, "q", all_heads).view(approx.q.shape),
+        "k": lambda: fastlib.head_input_sweep(model, *args, "k", kv_heads).view(approx.k.shape),
+        "v": lambda: fastlib.head_input_sweep(model, *args, "v", kv_heads).view(approx.v.shape),
+    }
+    estimates = {"head_out": approx.head, "resid_pre": approx.resid_pre[:, first:last], "attn_out": approx.attn_out,
+                 "mlp_out": approx.mlp_out, "q": approx.q, "k": approx.k, "v": approx.v}
+    result, effects = {}, {}
+    for name, sweep in exact_sweeps.items():
+        start = time.perf_counter()
+        effects[name] = effect = sweep() - base
+        result[name] = {**agreement(effect, estimates[name]), "n": effect.numel(),
+                        "exact_s": time.perf_counter() - start,
+                        "largest_error": _largest_error(effect, estimates[name])}
+    result["resid_pre"]["first_position"] = first  # its position indices count from here
+    result["mlp_out"]["layer_0"] = {"exact": float(effects["mlp_out"][0]), "estimate": float(approx.mlp_out[0])}
+    return result
+
+
+def agreement(effect: Tensor, estimate: Tensor) -> dict:
+    """Pearson r and top-10 overlap between exact effects and their estimates."""
+    effect, estimate = effect.flatten().double().numpy(), estimate.flatten().double().numpy()
+    return {"pearson_r": float(np.corrcoef(effect, estimate)[0, 1]), "top10_overlap": top_k_overlap(effect, estimate, 10)}
+
+
+def _largest_error(effect: Tensor, estimate: Tensor) -> dict:
+    """The component (its index: layer, then head or position) the estimate misses most."""
+    error = (estimate - effect).abs()
+    index = [int(i) for i in np.unravel_index(int(error.argmax()), error.shape)]
+    return {"index": index, "exact": float(effect.flatten()[error.argmax()]),
+            "estimate": float(estimate.flatten()[error.argmax()])}
+
+
 def top_k_overlap(a, b, k: int = 10) -> float:
     """The fraction of the k largest |a| that are also among the k largest |b|."""
     top = lambda x: set(np.argsort(-np.abs(np.asarray(x)))[:k].tolist())  # noqa: E731
-    return len(top(a) & top(b)) / k
+    return len(top(a) & top(b)) / min(k, len(np.asarray(a)))

@@ -49,7 +49,9 @@ def register(subparsers) -> None:
 
     attribution = which.add_parser("attribution", help="attribution patching vs the exact sweep")
     _common(attribution, "smollm2-135m", 50)
-    attribution.set_defaults(func=lambda a: _emit(bench_attribution(a.model, a.n, a.seed), a))
+    attribution.add_argument("--components", action="store_true",
+                             help="also compare every kind of component (resid, attn/MLP layers, q/k/v)")
+    attribution.set_defaults(func=lambda a: _emit(bench_attribution(a.model, a.n, a.seed, a.components), a))
 
     scaling = which.add_parser("scaling", help="our sweep's time vs prompts and GPT-2 size")
     scaling.add_argument("--ns", type=int, nargs="+", default=[10, 20, 50, 100])
@@ -173,14 +175,17 @@ def bench_patching(model="gpt2-small-random", n: int = 20, positions: fast.Posit
     }
 
 
-def bench_attribution(model="smollm2-135m", n: int = 50, seed: int = 0) -> dict:
-    """Attribution patching against our exact all-position head sweep."""
-    from ioi.attribution_patching import compare_with_exact
+def bench_attribution(model="smollm2-135m", n: int = 50, seed: int = 0, components: bool = False) -> dict:
+    """Attribution patching against our exact all-position head sweep; with `components`, also
+    against exact patching of every other kind of component (`compare_components`)."""
+    from ioi.attribution_patching import compare_components, compare_with_exact
 
     model = _load(model)
     clean, corrupted = _pair(model, n, seed)
     fast.as_fast(model)
     result = compare_with_exact(model, clean, corrupted)
+    if components:
+        result["components"] = compare_components(model, clean, corrupted)
     return {"model": getattr(model, "ioi_name", "?"), "n": n, **result}
 
 

@@ -674,13 +674,14 @@ def resid_named_sweep(
     ...). Rows are carried from the earliest of those positions, so a late position (END) costs
     a fraction of an early one."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
-    everyone = torch.arange(task.batch)
     out = torch.empty(task.fast.n_layers, len(positions), task.batch, dtype=task.fast.W_E.dtype)
-    for layer in range(task.fast.n_layers):
-        for i, at in enumerate(positions):
-            patched = task.corrupted.resid_pre[layer].clone()
-            patched[everyone, at] = task.clean.resid_pre[layer][everyone, at]
-            out[layer, i] = _resid_pre_patched(task, layer, everyone, patched[None], int(at.min()))[0]
+    for prompts in _length_groups(task):  # so that a patch at END carries END alone
+        rows = torch.arange(len(prompts))
+        for layer in range(task.fast.n_layers):
+            for i, at in enumerate(positions[:, prompts]):
+                patched = task.corrupted.resid_pre[layer][prompts]
+                patched[rows, at] = task.clean.resid_pre[layer][prompts, at]
+                out[layer, i, prompts] = _resid_pre_patched(task, layer, prompts, patched[None], int(at.min()))[0]
     return out if per_prompt else out.mean(-1)
 
 

@@ -19,6 +19,11 @@ be while staying exact:
 3. Knockouts that start at the same layer are stacked along the batch axis, up to `batch_size`
    prompt-variants at once: it helps when there are few prompts, and costs nothing otherwise.
 
+Where even that is too many runs (the greedy completeness search tries every head of a large
+circuit at every step), `knockout_estimates` gives every single-head knockout's effect to first
+order from one forward and one backward pass, as attribution patching does for patches, so that
+only the most promising candidates need an exact run.
+
 `tests/test_fast_ablation.py` checks every result against the hook-based `ioi.circuit.run_circuit`
 on GPT-2- and Llama-shaped models.
 """
@@ -160,3 +165,27 @@ def _knockouts(ablation: MeanAblation, cache: Cache, layer: int, keep) -> Float[
     final = run_rows(ablation.fast, cache, layer, resid, prompt, pos, end_row,
                      after_attention=False, edit_z=_editor(ablation, keep))
     return logit_diff_at(ablation.fast, final, ablation.io_token[prompt], ablation.s_token[prompt]).view(n_var, batch)
+
+
+def knockout_estimates(ablation: MeanAblation, keep: Keep) -> tuple[float, Float[Tensor, "layer head"]]:
+    """The mean logit difference of the run that keeps `keep`, and for each head the first-order
+    change of it from also ablating that head where `keep` keeps it:
+    the sum over kept (prompt, position) of (mean z - z) . dF/dz, F the mean over prompts."""
+    edit, zs = _editor(ablation, keep[None]), []
+
+    def edit_and_keep(layer, z, prompt, pos):
+        z = edit(layer, z, prompt, pos)
+        if not z.requires_grad:  # layer 0: nothing upstream of it needs a gradient
+            z.requires_grad_(True)
+        z.retain_grad()
+        zs.append(z)
+        return z
+
+    with torch.enable_grad():
+        metric = end_logit_diff(ablation, run_with_cache(ablation.fast, ablation.tokens, edit_and_keep)).mean()
+        metric.backward()
+    estimates = torch.stack([
+        torch.einsum("bphe,bphe,bph->h", mean - z.detach(), z.grad, keep[layer].to(z.dtype))
+        for layer, (z, mean) in enumerate(zip(zs, ablation.mean_z))
+    ])
+    return float(metric.detach()), estimates

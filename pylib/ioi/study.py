@@ -36,6 +36,7 @@ class StudyConfig:
     n_path: int = 100  # prompts for the path-patching sweeps (the paper uses over 200)
     top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
     faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
+    greedy_candidates: int | None = 10  # heads run exactly per greedy completeness step (None: all)
     device: str = "cpu"
 
 
@@ -244,9 +245,12 @@ class Study:
     def faithfulness_by_template(self) -> pd.DataFrame:
         return circuits.faithfulness_by_template(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
 
-    @_analysis
+    @_analysis(uses=("greedy_candidates",))
     def completeness(self) -> pd.DataFrame:
-        return circuits.completeness(self.model, self.circuit(), self.clean, self.corrupted, seed=self.config.seed)
+        return circuits.completeness(
+            self.model, self.circuit(), self.clean, self.corrupted,
+            greedy_candidates=self.config.greedy_candidates, seed=self.config.seed,
+        )
 
     @_analysis
     def minimality(self) -> pd.DataFrame:
