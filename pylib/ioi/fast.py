@@ -273,16 +273,28 @@ def logit_diff_at(
 
 @dataclass(frozen=True)
 class Cache:
-    """A full forward's activations per layer, what the sweeps start from and attend to."""
+    """A full forward's activations per layer, what the sweeps start from and attend to.
 
+    Only what a few rows cannot cheaply give back is kept (the residual stream before each
+    layer, the heads' outputs, keys and values): a layer's attention output, the residual after
+    it and the MLP output are recomputed for just the rows asked for (`index`, as a tensor index
+    into [batch, pos]), by the same operations as the forward. It halves a cache's memory."""
+
+    fast: FastModel
     resid_pre: tuple[Tensor, ...]  # each [batch pos d_model]
-    resid_mid: tuple[Tensor, ...]
     z: tuple[Tensor, ...]  # each [batch pos head d_head]
     k: tuple[Tensor, ...]  # each [batch pos kv_head d_head], rotated
     v: tuple[Tensor, ...]
-    attn_out: tuple[Tensor, ...]
-    mlp_out: tuple[Tensor, ...]
     resid_final: Tensor
+
+    def attn_out(self, layer: int, index=slice(None)) -> Tensor:
+        return head_out(self.fast.layers[layer], self.z[layer][index])
+
+    def resid_mid(self, layer: int, index=slice(None)) -> Tensor:
+        return self.resid_pre[layer][index] + self.attn_out(layer, index)
+
+    def mlp_out(self, layer: int, index=slice(None)) -> Tensor:
+        return mlp(self.fast, self.fast.layers[layer], norm(self.fast, self.resid_mid(layer, index)))
 
 
 def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=None) -> Cache:
@@ -290,7 +302,7 @@ def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=Non
     if given, replaces each layer's head outputs before they are used (e.g. mean-ablation)."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
     prompt = torch.arange(tokens.shape[0], device=tokens.device)
-    acts = {name: [] for name in ("resid_pre", "resid_mid", "z", "k", "v", "attn_out", "mlp_out")}
+    acts = {name: [] for name in ("resid_pre", "z", "k", "v")}
     resid = embed(fast, tokens)
     for i, layer in enumerate(fast.layers):
         x = norm(fast, resid)
@@ -298,13 +310,11 @@ def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=Non
         z = attention_z(fast, layer, x, pos, k, v)
         if edit_z is not None:
             z = edit_z(i, z, prompt, pos)
-        attn_out = head_out(layer, z)
-        mid = resid + attn_out
-        mlp_out = mlp(fast, layer, norm(fast, mid))
-        for name, value in zip(acts, (resid, mid, z, k, v, attn_out, mlp_out)):
+        for name, value in zip(acts, (resid, z, k, v)):
             acts[name].append(value)
-        resid = mid + mlp_out
-    return Cache(**{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
+        mid = resid + head_out(layer, z)
+        resid = mid + mlp(fast, layer, norm(fast, mid))
+    return Cache(fast, **{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
 
 
 def logits(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
@@ -429,7 +439,7 @@ def _resid_mid_patched(
     n_var = deltas.shape[0]
     prompt, pos, end_row = _rows(task, prompts, n_var, start)
     rows = torch.arange(len(prompt))[:, None]
-    resid = task.corrupted.resid_mid[layer][prompt[:, None], pos] + deltas.flatten(0, 1)[rows, pos]
+    resid = task.corrupted.resid_mid(layer, (prompt[:, None], pos)) + deltas.flatten(0, 1)[rows, pos]
     final = run_rows(task.fast, task.corrupted, layer, resid, prompt, pos, end_row)
     return _logit_diff(task, final, prompt, start).view(n_var, len(prompts))
 
@@ -539,7 +549,8 @@ def _position_patch(task: Task, component: str, layer: int, p: int) -> Float[Ten
         patched[:, p] = clean.resid_pre[layer][:, p]
         return _resid_pre_patched(task, layer, everyone, patched[None], p)
     diff = torch.zeros_like(corrupted.resid_pre[layer])
-    diff[:, p] = getattr(clean, component)[layer][:, p] - getattr(corrupted, component)[layer][:, p]
+    at = (slice(None), slice(p, p + 1))
+    diff[at] = getattr(clean, component)(layer, at) - getattr(corrupted, component)(layer, at)
     if component == "attn_out":
         return _resid_mid_patched(task, layer, everyone, diff[None], p)
     # an MLP-output patch is a change to the residual stream before the next layer
@@ -566,7 +577,7 @@ def layer_out_sweep(
     for prompts in _length_groups(task):
         start = task.first_change(prompts)
         for i in range(fast.n_layers):
-            diff = getattr(clean, component)[i][prompts] - getattr(corrupted, component)[i][prompts]
+            diff = getattr(clean, component)(i, prompts) - getattr(corrupted, component)(i, prompts)
             if component == "attn_out":
                 out[i, prompts] = _resid_mid_patched(task, i, prompts, diff[None], start)[0]
             else:  # an MLP output patch changes the residual stream before the next layer

@@ -143,7 +143,7 @@ def _sweep(
             delta = torch.einsum(
                 "nre,ned->nrd", dz[prompt[:, None], pos2, head[:, None]], fast.layers[layer].W_O[head]
             )
-            resid_mid = clean_cache.resid_mid[layer][prompt[:, None], pos2] + delta
+            resid_mid = clean_cache.resid_mid(layer, (prompt[:, None], pos2)) + delta
             if receivers == "logits":  # pos2 is END
                 resid = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, [fast.n_layers])
                 resid = resid[fast.n_layers][:, 0]
@@ -190,7 +190,7 @@ def _frozen_forward(
             out[l] = resid
         if l == fast.n_layers or l == max(want):
             break
-        resid = resid + cache.attn_out[l][prompt[:, None], pos]
+        resid = resid + cache.attn_out(l, (prompt[:, None], pos))
         resid = resid + mlp(fast, fast.layers[l], norm(fast, resid))
     return out
 
