@@ -12,31 +12,29 @@ def _args(clean, corrupted):
     return clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token
 
 
-def _bridge_attribution(model, clean, corrupted):
-    """(clean z - corrupted z) . dM/dz from the bridge's own hooks and autograd."""
+def _bridge_gradient_product(model, clean, corrupted, hook_suffix, pattern):
+    """(clean a - corrupted a) . dM/da for the bridge's `hook_suffix` activations, by layer."""
+    wanted = lambda name: name.endswith(hook_suffix)  # noqa: E731
     with torch.inference_mode():
-        _, clean_cache = model.run_with_cache(clean.tokens)
+        _, clean_cache = model.run_with_cache(clean.tokens, names_filter=wanted)
     kept = {}
 
-    def keep(z, hook):
-        z.retain_grad()
-        kept[hook.name] = z
-        return z
+    def keep(act, hook):
+        act.retain_grad()
+        kept[hook.name] = act
+        return act
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=[(lambda name: name.endswith("attn.hook_z"), keep)])
+        logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=[(wanted, keep)])
         logit_diff(logits, clean).mean().backward()
-    return torch.stack([
-        torch.einsum("bphe,bphe->ph", clean_cache[f"blocks.{i}.attn.hook_z"] - kept[f"blocks.{i}.attn.hook_z"].detach(),
-                     kept[f"blocks.{i}.attn.hook_z"].grad)
-        for i in range(model.cfg.n_layers)
-    ])
+    names = sorted(kept, key=lambda n: int(n.split(".")[1]))
+    return torch.stack([torch.einsum(pattern, clean_cache[n] - kept[n].detach(), kept[n].grad) for n in names])
 
 
 def test_head_attribution_equals_the_bridges_gradient_product(tiny_model):
     clean, corrupted = make_pair(tiny_model, n=6)
     ours = attribute(tiny_model, *_args(clean, corrupted))
-    expected = _bridge_attribution(tiny_model, clean, corrupted)
+    expected = _bridge_gradient_product(tiny_model, clean, corrupted, "attn.hook_z", "bphe,bphe->ph")
     torch.testing.assert_close(ours.head_pos, expected, atol=1e-5, rtol=1e-4)
 
 
@@ -77,25 +75,6 @@ def test_compare_with_exact_reports_its_keys(tiny_model):
 def test_top_k_overlap():
     assert top_k_overlap([5, -4, 3, 0], [1, 2, 3, 4], k=2) == 0.0
     assert top_k_overlap([5, -4, 3, 0], [-9, 8, 0, 0], k=2) == 1.0
-
-
-def _bridge_gradient_product(model, clean, corrupted, hook_suffix, pattern):
-    """(clean a - corrupted a) . dM/da for the bridge's `hook_suffix` activations, by layer."""
-    wanted = lambda name: name.endswith(hook_suffix)  # noqa: E731
-    with torch.inference_mode():
-        _, clean_cache = model.run_with_cache(clean.tokens, names_filter=wanted)
-    kept = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        kept[hook.name] = act
-        return act
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(corrupted.tokens, fwd_hooks=[(wanted, keep)])
-        logit_diff(logits, clean).mean().backward()
-    names = sorted(kept, key=lambda n: int(n.split(".")[1]))
-    return torch.stack([torch.einsum(pattern, clean_cache[n] - kept[n].detach(), kept[n].grad) for n in names])
 
 
 def test_input_and_layer_attributions_equal_the_bridges(tiny_model):

@@ -200,3 +200,14 @@ def test_head_input_patching_matches_the_hook_sweeps(tiny_model):
 def _corrupted_ld(model, clean, corrupted):
     with torch.inference_mode():
         return fast.end_logit_diff(fast.as_fast(model), corrupted.tokens, clean.end, clean.io_token, clean.s_token).mean().item()
+
+
+def test_bench_scaling_rows(monkeypatch):
+    """One row per N (GPT-2 small's shape) and per size, each shape as configured."""
+    from ioi import bench
+
+    monkeypatch.setattr(bench, "GPT2_SHAPES", {"gpt2-small": (2, 2, 32), "gpt2-medium": (3, 4, 64)})
+    rows = bench.bench_scaling(ns=[4], sizes=["gpt2-medium"], n=3, positions="end")
+    assert [(r["shape"], r["n"]) for r in rows] == [("gpt2-small", 4), ("gpt2-medium", 3)]
+    assert (rows[1]["n_layers"], rows[1]["n_heads"], rows[1]["d_model"]) == (3, 4, 64)
+    assert all(r["baseline_est_s"] == pytest.approx(r["bridge_forward_s"] * r["n_layers"] * r["n_heads"]) for r in rows)

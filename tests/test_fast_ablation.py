@@ -77,18 +77,20 @@ def test_variants_start_where_they_differ(tiny_model, data):
 
 @pytest.mark.parametrize("prepend_bos", [False, True])
 def test_nothing_changes_before_the_first_change(tiny_model, prepend_bos):
-    """Before `first_change` every prompt's group mean is its own clean head output, so
-    ablation there changes nothing; at `first_change` some mean differs."""
+    """Prompts are split by length; before each group's first change every prompt's group mean
+    is its own clean head output, so ablation there changes nothing; at it some mean differs."""
     clean, corrupted = make_pair(tiny_model, n=16, templates="full", prepend_bos=prepend_bos)
     ablation = C.mean_ablation(tiny_model, clean, corrupted)
-    first = ablation.first_change
-    assert 0 < first <= int(clean.end.min())
-    _, cache = C.run_with_cache(tiny_model, clean, [f"blocks.{l}.attn.hook_z" for l in range(tiny_model.cfg.n_layers)])
-    for layer, mean in enumerate(ablation.mean_z):
-        own = cache[f"blocks.{layer}.attn.hook_z"]
-        torch.testing.assert_close(mean[:, :first], own[:, :first], atol=1e-5, rtol=0)
-    assert any((mean[:, first] - cache[f"blocks.{l}.attn.hook_z"][:, first]).abs().max() > 1e-4
-               for l, mean in enumerate(ablation.mean_z))
+    names = [f"blocks.{l}.attn.hook_z" for l in range(tiny_model.cfg.n_layers)]
+    _, cache = C.run_with_cache(tiny_model, clean, names)
+    grouped = torch.cat([prompts for prompts, _ in ablation.length_groups])
+    assert sorted(grouped.tolist()) == list(range(len(clean)))
+    for prompts, first in ablation.length_groups:
+        assert len(set(clean.end[prompts].tolist())) == 1 and 0 < first <= int(clean.end[prompts[0]])
+        for name, mean in zip(names, ablation.mean_z):
+            torch.testing.assert_close(mean[prompts, :first], cache[name][prompts, :first], atol=1e-5, rtol=0)
+        assert any((mean[prompts, first] - cache[name][prompts, first]).abs().max() > 1e-4
+                   for name, mean in zip(names, ablation.mean_z))
 
 
 def test_no_variants_is_an_error(tiny_gpt2):

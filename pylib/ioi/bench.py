@@ -54,8 +54,8 @@ def register(subparsers) -> None:
     attribution.set_defaults(func=lambda a: _emit(bench_attribution(a.model, a.n, a.seed, a.components), a))
 
     scaling = which.add_parser("scaling", help="our sweep's time vs prompts and GPT-2 size")
-    scaling.add_argument("--ns", type=int, nargs="+", default=[10, 20, 50, 100])
-    scaling.add_argument("--sizes", nargs="+", default=list(GPT2_SHAPES), choices=list(GPT2_SHAPES))
+    scaling.add_argument("--ns", type=int, nargs="*", default=[10, 20, 50, 100])
+    scaling.add_argument("--sizes", nargs="*", default=list(GPT2_SHAPES), choices=list(GPT2_SHAPES))
     scaling.add_argument("--n", type=int, default=20, help="prompts for the size sweep")
     scaling.add_argument("--positions", choices=("all", "end"), default="all")
     scaling.add_argument("--seed", type=int, default=0)
@@ -207,7 +207,10 @@ def random_gpt2(size: str):
 def bench_scaling(
     ns=(10, 20, 50, 100), sizes=tuple(GPT2_SHAPES), n: int = 20, positions: fast.Positions = "all", seed: int = 0
 ) -> list[dict]:
-    """Our sweep's time against the number of prompts (GPT-2 small's shape) and model size."""
+    """Our sweep's time against the number of prompts (GPT-2 small's shape) and model size.
+    TransformerLens's sweep is one bridge forward per head, so each row also times one bridge
+    forward and gives `baseline_est_s` = that x the number of heads (an estimate, labelled so:
+    running it on the large shapes would take hours)."""
     from tqdm import tqdm
 
     rows = []
@@ -216,11 +219,17 @@ def bench_scaling(
         model = random_gpt2(size)
         clean, corrupted = _pair(model, k, seed)
         w = fast.as_fast(model)
+        with torch.inference_mode():
+            _, forward_s = _timed(lambda: model(corrupted.tokens))
         _, seconds = _timed(lambda: fast.head_out_sweep(
             w, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, positions=positions
         ))
+        heads = w.n_layers * w.n_heads
         rows.append({
             "shape": size, "n_layers": w.n_layers, "n_heads": w.n_heads, "d_model": w.W_E.shape[1],
-            "n": k, "positions": positions, "ours_s": seconds, "per_head_ms": 1000 * seconds / (w.n_layers * w.n_heads),
+            "n": k, "positions": positions, "ours_s": seconds, "per_head_ms": 1000 * seconds / heads,
+            "bridge_forward_s": forward_s, "baseline_est_s": forward_s * heads,
+            "speedup_est": forward_s * heads / seconds,
         })
+        del model, w
     return rows

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ioi.circuit import Circuit, faithfulness, mean_ablation
+from ioi.circuit import Circuit, circuit_logit_diffs, mean_ablation, whole_model
 
 DIRECT_SHARE = 0.1  # |DLA| above this share of the logit difference counts as a direct effect
 ATTENTION_FLOOR = 0.1  # a head is called induction/duplicate/previous only above this score
@@ -32,10 +32,11 @@ def find_circuit(model, clean, corrupted, head_patching: pd.DataFrame, target: f
     ranked = ranked.sort_values("size", ascending=False, ignore_index=True)
     heads = [(int(l), int(h)) for l, h in zip(ranked.layer, ranked["head"])]
     ablation = mean_ablation(model, clean, corrupted)
+    f_m = circuit_logit_diffs(model, [whole_model(model)], clean, ablation).mean()
 
     def faith(k: int) -> float:
         circuit = Circuit({"found": tuple(heads[:k])}, {"found": "ALL"})
-        return faithfulness(model, circuit, clean, corrupted, ablation=ablation)["faithfulness"]
+        return float(circuit_logit_diffs(model, [circuit], clean, ablation).mean() / f_m)
 
     evaluated = {}
     low, high = 0, len(heads)  # faith(len(heads)) is 1: nothing is ablated

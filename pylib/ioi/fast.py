@@ -405,10 +405,16 @@ class Task:
         return self.clean_tokens.shape[1]
 
     def first_change(self, prompts: Tensor) -> int:
-        """The first position where these clean and corrupted prompts differ: no patch can
-        change anything before it (the activations there are the same in both runs)."""
-        differs = (self.clean_tokens[prompts] != self.corrupted_tokens[prompts]).any(0).nonzero()
-        return int(differs[0]) if len(differs) else int(self.end[prompts].max())
+        return first_change(self.clean_tokens[prompts], self.corrupted_tokens[prompts], self.end[prompts])
+
+
+def first_change(
+    clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"], end: Int[Tensor, " batch"]
+) -> int:
+    """The first position where any clean and corrupted prompt differ: before it both runs are
+    the same, so no patch there (or of anything computed there) changes anything."""
+    differs = (clean_tokens != corrupted_tokens).any(0).nonzero()
+    return int(differs[0]) if len(differs) else int(end.min())
 
 
 def prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token) -> Task:

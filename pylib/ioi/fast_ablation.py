@@ -14,8 +14,9 @@ be while staying exact:
    tokens as the prompt (the template's opening words, before the first name), a head's group
    mean is its own output, so ablating it there changes nothing and nothing there ever differs
    from the clean run. Knockouts carry only the rows from the first position where that fails
-   (`first_change`) to END, attending to the cached keys and values before it; the last layer
-   runs on END alone, and only the two unembedding columns of logit(IO) - logit(S) are read.
+   to END, prompts of one length at a time (`length_groups`), attending to the cached keys and
+   values before it; the last layer runs on END alone, and only the two unembedding columns of
+   logit(IO) - logit(S) are read.
 3. Knockouts that start at the same layer are stacked along the batch axis, up to `batch_size`
    prompt-variants at once: it helps when there are few prompts, and costs nothing otherwise.
 
@@ -52,7 +53,9 @@ class MeanAblation:
     io_token: Int[Tensor, " batch"]
     s_token: Int[Tensor, " batch"]
     mean_z: tuple[Float[Tensor, "batch pos head d_head"], ...]  # per layer: each prompt's group mean
-    first_change: int  # before this position every ablated run equals the clean run
+    # Prompts of one length (one END), and the position before which every ablated run of them
+    # equals the clean run: knockouts carry only the rows between the two.
+    length_groups: tuple[tuple[Int[Tensor, " _prompts"], int], ...]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -81,14 +84,17 @@ def prepare(
     for z in run_with_cache(fast, reference_tokens).z:
         sums = torch.zeros(n_groups, *z.shape[1:], dtype=z.dtype).index_add_(0, groups, z)
         means.append((sums / counts[:, None, None, None])[groups])
-    return MeanAblation(fast, tokens, end, io_token, s_token, tuple(means),
-                        _first_change(tokens, reference_tokens, groups, end))
+    length_groups = tuple(
+        (prompts, _first_change(tokens[prompts], reference_tokens[prompts], groups[prompts], int(e)))
+        for e in end.unique() for prompts in [(end == e).nonzero()[:, 0]]
+    )
+    return MeanAblation(fast, tokens, end, io_token, s_token, tuple(means), length_groups)
 
 
-def _first_change(tokens, reference_tokens, groups, end) -> int:
+def _first_change(tokens, reference_tokens, groups, end: int) -> int:
     """The first position at which some prompt differs from a reference prompt of its group
-    (at most the earliest END, so that every prompt's END is among the rows carried)."""
-    first = int(end.min())
+    (at most END, which is always carried)."""
+    first = end
     for g in groups.unique():
         members = groups == g
         same = (reference_tokens[members][:, None] == tokens[members][None]).all(0).all(0)
@@ -98,13 +104,12 @@ def _first_change(tokens, reference_tokens, groups, end) -> int:
     return first
 
 
-def _editor(ablation: MeanAblation, keep: Bool[Tensor, "variant layer batch pos head"]):
-    """An `edit_z` that mean-ablates what `keep` does not keep; variant n of the stacked batch is
-    row n // batch of `keep`."""
-    batch = ablation.tokens.shape[0]
+def _editor(ablation: MeanAblation, keep: Bool[Tensor, "variant layer batch pos head"], per_variant: int):
+    """An `edit_z` that mean-ablates what `keep` does not keep; the stacked batch holds
+    `per_variant` prompts of each variant in turn."""
 
     def edit_z(layer, z, prompt, pos):
-        variant = torch.arange(len(prompt), device=pos.device) // batch
+        variant = torch.arange(len(prompt), device=pos.device) // per_variant
         kept = keep[variant[:, None], layer, prompt[:, None], pos][..., None]
         return torch.where(kept, z, ablation.mean_z[layer][prompt[:, None], pos])
 
@@ -114,7 +119,7 @@ def _editor(ablation: MeanAblation, keep: Bool[Tensor, "variant layer batch pos 
 @torch.inference_mode()
 def base_run(ablation: MeanAblation, keep: Keep) -> Cache:
     """The full forward with everything `keep` does not keep mean-ablated."""
-    return run_with_cache(ablation.fast, ablation.tokens, _editor(ablation, keep[None]))
+    return run_with_cache(ablation.fast, ablation.tokens, _editor(ablation, keep[None], len(ablation.tokens)))
 
 
 def end_logit_diff(ablation: MeanAblation, cache: Cache) -> Float[Tensor, " batch"]:
@@ -144,34 +149,39 @@ def logit_diffs(
     out = torch.empty(len(keeps), batch, dtype=ablation.fast.W_E.dtype)
     starts = torch.tensor([start_layer(base, keep) for keep in keeps])
     out[starts == ablation.fast.n_layers] = end_logit_diff(ablation, cache)
-    per_chunk = max(1, batch_size // batch)
     for layer in starts.unique().tolist():
         if layer == ablation.fast.n_layers:
             continue
         todo = (starts == layer).nonzero()[:, 0]
-        for chunk in todo.split(per_chunk):
-            out[chunk] = _knockouts(ablation, cache, layer, torch.stack([keeps[i] for i in chunk]))
+        for prompts, first in ablation.length_groups:
+            for chunk in todo.split(max(1, batch_size // len(prompts))):
+                keep = torch.stack([keeps[i] for i in chunk])
+                out[chunk[:, None], prompts] = _knockouts(ablation, cache, layer, keep, prompts, first)
     return out
 
 
-def _knockouts(ablation: MeanAblation, cache: Cache, layer: int, keep) -> Float[Tensor, "variant batch"]:
-    """Logit differences of stacked variants that equal the base run before `layer`."""
-    n_var, batch = keep.shape[0], ablation.tokens.shape[0]
-    prompt = torch.arange(batch).repeat(n_var)
-    first = ablation.first_change
-    pos = torch.arange(first, int(ablation.end.max()) + 1).expand(len(prompt), -1)
+def _knockouts(
+    ablation: MeanAblation, cache: Cache, layer: int, keep, prompts: Tensor, first: int
+) -> Float[Tensor, "variant prompts"]:
+    """Logit differences of stacked variants that equal the base run before `layer`, on
+    `prompts` (all of one length), carrying the rows from `first` to their END."""
+    n_var = keep.shape[0]
+    prompt = prompts.repeat(n_var)
+    end = int(ablation.end[prompts[0]])
+    pos = torch.arange(first, end + 1).expand(len(prompt), -1)
     resid = cache.resid_pre[layer][prompt[:, None], pos]
-    end_row = ablation.end[prompt] - first
+    end_row = torch.full_like(prompt, end - first)
     final = run_rows(ablation.fast, cache, layer, resid, prompt, pos, end_row,
-                     after_attention=False, edit_z=_editor(ablation, keep))
-    return logit_diff_at(ablation.fast, final, ablation.io_token[prompt], ablation.s_token[prompt]).view(n_var, batch)
+                     after_attention=False, edit_z=_editor(ablation, keep, len(prompts)))
+    ld = logit_diff_at(ablation.fast, final, ablation.io_token[prompt], ablation.s_token[prompt])
+    return ld.view(n_var, len(prompts))
 
 
 def knockout_estimates(ablation: MeanAblation, keep: Keep) -> tuple[float, Float[Tensor, "layer head"]]:
     """The mean logit difference of the run that keeps `keep`, and for each head the first-order
     change of it from also ablating that head where `keep` keeps it:
     the sum over kept (prompt, position) of (mean z - z) . dF/dz, F the mean over prompts."""
-    edit, zs = _editor(ablation, keep[None]), []
+    edit, zs = _editor(ablation, keep[None], len(ablation.tokens)), []
 
     def edit_and_keep(layer, z, prompt, pos):
         z = edit(layer, z, prompt, pos)

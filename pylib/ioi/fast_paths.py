@@ -40,7 +40,6 @@ the clean ones. Anything else (another receiver_input) falls back to the referen
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import pandas as pd
@@ -50,7 +49,10 @@ from torch import Tensor
 
 from ioi import path_patching
 from ioi.dataset import IOIDataset
-from ioi.fast import Cache, FastModel, as_fast, head_out, keys_values, logit_diff_at, mlp, norm, rotate, run_with_cache
+from ioi.fast import (
+    Cache, FastModel, as_fast, attend, attention_pattern, first_change, head_out, keys_values, logit_diff_at, mlp,
+    norm, queries, run_with_cache,
+)
 from ioi.metrics import logit_diff
 
 Head = tuple[int, int]  # (layer, head)
@@ -119,7 +121,7 @@ def _sweep(
     if receivers == "logits":
         positions, start = end, None
     elif receiver_position is None:
-        positions, start = None, _first_change(clean.tokens, corrupted.tokens, end)
+        positions, start = None, first_change(clean.tokens, corrupted.tokens, end)
     else:
         positions = clean.positions[receiver_position]
         start = None if torch.equal(positions, end) and receiver_input == "q" else int(positions.min())
@@ -163,15 +165,6 @@ def _sweep(
     return out
 
 
-def _first_change(
-    clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"], end: Int[Tensor, " batch"]
-) -> int:
-    """The first position where any clean and corrupted prompt differ: before it both runs (and
-    so step 2) equal the clean run, and a patch there changes nothing."""
-    differs = (clean_tokens != corrupted_tokens).any(0).nonzero()
-    return int(differs[0]) if len(differs) else int(end.min())
-
-
 def _frozen_forward(
     fast: FastModel,
     cache: Cache,
@@ -208,7 +201,7 @@ def _receiver_inputs(
     lw = fast.layers[layer]
     x = norm(fast, resid_pre)
     if receiver_input == "q":
-        value = rotate(fast, torch.einsum("nrd,hde->nrhe", x, lw.W_Q) + lw.b_Q, pos)
+        value = queries(fast, lw, x, pos)
         group = 1
     else:
         value = keys_values(fast, lw, x, pos)[0 if receiver_input == "k" else 1]
@@ -237,7 +230,7 @@ def _patched_forward(
     for l in range(start_layer, fast.n_layers):
         lw = fast.layers[l]
         x = norm(fast, resid)
-        q = rotate(fast, torch.einsum("nrd,hde->nrhe", x, lw.W_Q) + lw.b_Q, pos)
+        q = queries(fast, lw, x, pos)
         k_rows, v_rows = keys_values(fast, lw, x, pos)
         if l in patches:
             value, chosen = patches[l]
@@ -253,21 +246,7 @@ def _patched_forward(
         if l == fast.n_layers - 1:  # after the last keys and values only END is read
             at = torch.arange(len(prompt)), end_row
             q, resid, pos = q[at][:, None], resid[at][:, None], pos[at][:, None]
-        resid = resid + head_out(lw, _attend(q, k, v, pos))
+        resid = resid + head_out(lw, attend(attention_pattern(q, k, pos), v))
         resid = resid + mlp(fast, lw, norm(fast, resid))
     return resid[:, 0]
 
-
-def _attend(
-    q: Float[Tensor, "n row head d_head"],
-    k: Float[Tensor, "n key kv_head d_head"],
-    v: Float[Tensor, "n key kv_head d_head"],
-    pos: Int[Tensor, "n row"],
-) -> Float[Tensor, "n row head d_head"]:
-    """Causal attention of given (rotated) queries over keys and values, as `fast.attention_z`."""
-    group = q.shape[2] // k.shape[2]
-    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
-    future = torch.arange(k.shape[1])[None, None, None] > pos[:, None, :, None]
-    pattern = scores.masked_fill(future, float("-inf")).softmax(-1)
-    return torch.einsum("bhrk,bkhe->brhe", pattern, v)
