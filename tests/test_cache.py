@@ -74,3 +74,27 @@ def test_a_failed_computation_leaves_nothing_behind(fresh_cache):
     with pytest.raises(RuntimeError):
         cache.cached("analysis", broken, {})
     assert not list(fresh_cache.rglob("*.joblib")) and not list(fresh_cache.rglob("*.tmp"))
+
+
+def test_default_and_explicit_arguments_share_one_result(tiny_gpt2):
+    """A Study analysis is keyed on its arguments' values, defaults filled in: calling it with
+    the default spelled out, or by keyword, is served the same result, computed once."""
+    from ioi.study import StudyConfig, _analysis
+
+    calls = []
+
+    class Probe:
+        config = StudyConfig(model="probe")
+        model = tiny_gpt2
+        clean, corrupted = make_pair(tiny_gpt2, n=4)
+        timings = {}
+
+        @_analysis
+        def sweep(self, positions="all"):
+            calls.append(positions)
+            return positions
+
+    probe = Probe()
+    assert probe.sweep() == probe.sweep("all") == probe.sweep(positions="all") == "all"
+    assert probe.sweep("end") == "end"
+    assert calls == ["all", "end"]

@@ -11,6 +11,7 @@ All documents share one results cache, so the second reuses the first's analyses
 
 from __future__ import annotations
 
+import json
 import numbers
 import os
 import re
@@ -175,6 +176,23 @@ def test_study_figures_draw_every_figure_from_the_cached_study(chapter_env):
     assert {"heads", "residual", "path_patching", "circuit", "faithfulness_by_template"} <= set(figures)
     for chart in figures.values():
         chart.to_dict()
+
+
+def test_reproduce_writes_every_table_figure_and_the_summary(chapter_env, tmp_path):
+    """`python -m ioi reproduce`'s outputs: a CSV per analysis, the study's figures as SVG, and
+    summary.json with the setup, headline numbers, timings and peak memory; nothing half-written."""
+    from ioi.reproduce import TABLES, reproduce
+    from ioi.study import Study, StudyConfig
+
+    study = Study(StudyConfig(model=os.environ["IOI_MODEL"], n=8, n_path=4, top_heads=4))
+    summary = reproduce(study, tmp_path)
+    assert {p.stem for p in (tmp_path / "tables").glob("*.csv")} == set(TABLES)
+    assert len(list((tmp_path / "figures").glob("*.svg"))) >= 5
+    assert not list(tmp_path.rglob("*.tmp"))
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert {"setup", "baseline", "faithfulness", "seconds", "seconds_per_analysis", "peak_memory_gb"} <= set(saved)
+    assert saved["baseline"]["n"] == 8 and saved["peak_memory_gb"] > 0
+    assert saved["faithfulness"]["faithfulness"] == pytest.approx(summary["faithfulness"]["faithfulness"])
 
 
 # --- Static checks -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def reproduce(study: Study, out: Path) -> dict:
         "faithfulness": study.faithfulness(),
         "seconds": round(time.perf_counter() - start, 2),
         "seconds_per_analysis": {k: round(v, 2) for k, v in study.timings.items()},
+        "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # KiB on Linux
     }
     _write_atomically(out / "summary.json", json.dumps(summary, indent=2, default=float))
     return summary

@@ -13,6 +13,7 @@ same numbers and share one results cache: a chapter that asks for `study.head_pa
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -51,10 +52,16 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
     if method is None:
         return functools.partial(_analysis, uses=uses)
 
+    signature = inspect.signature(method)
+
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         config = {f: getattr(self.config, f) for f in KEY_FIELDS + uses}
-        params = {"config": config, "args": args, "kwargs": kwargs}
+        # keyed on every argument's value, defaults included, so that head_patching() and
+        # head_patching("all") are one result
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        params = {"config": config, "arguments": dict(list(bound.arguments.items())[1:])}
         start = time.perf_counter()
         result = cached(
             method.__name__, lambda: method(self, *args, **kwargs), params,
