@@ -165,6 +165,9 @@ def test_knockout_estimates_are_first_order_effects(tiny_model, data):
         expected = eps * float(estimates[h])
         assert float(value) - f_base == pytest.approx(expected, abs=1e-7 + 0.02 * abs(expected))
     assert estimates.abs().max() > 0 and (estimates[~keep.any(1).any(1)] == 0).all()
+    f_chunked, chunked = fast_ablation.knockout_estimates(ablation, keep, chunk=5)  # prompts 5 at a time
+    assert f_chunked == pytest.approx(f_base, abs=1e-5)
+    torch.testing.assert_close(chunked, estimates, atol=1e-6, rtol=1e-4)
 
 
 def test_screened_greedy_with_every_head_is_the_greedy(tiny_gpt2):

@@ -13,6 +13,9 @@ mean-ablation), so that the ablated heads carry the sentence structure but no na
 
 Means are per template *and* per token alignment: prompts of one template can differ in length
 when a place or object is several tokens, so we group by template and by the named positions.
+
+`run_circuit` is the readable hook-based definition; the criteria run on `ioi.fast_ablation`,
+which computes the same numbers from one cached run per base circuit (tests/test_fast_ablation.py).
 """
 
 from __future__ import annotations

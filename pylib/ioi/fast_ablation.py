@@ -177,10 +177,31 @@ def _knockouts(
     return ld.view(n_var, len(prompts))
 
 
-def knockout_estimates(ablation: MeanAblation, keep: Keep) -> tuple[float, Float[Tensor, "layer head"]]:
+def knockout_estimates(
+    ablation: MeanAblation, keep: Keep, chunk: int = 20
+) -> tuple[float, Float[Tensor, "layer head"]]:
     """The mean logit difference of the run that keeps `keep`, and for each head the first-order
-    change of it from also ablating that head where `keep` keeps it:
-    the sum over kept (prompt, position) of (mean z - z) . dF/dz, F the mean over prompts."""
+    change of it from also ablating that head where `keep` keeps it: the sum over kept (prompt,
+    position) of (mean z - z) . dF/dz, F the mean over prompts. Prompts are taken `chunk` at a
+    time: the backward pass keeps every layer's activations, and the sum splits over prompts."""
+    batch = len(ablation.tokens)
+    total, estimates = 0.0, torch.zeros(ablation.fast.n_layers, ablation.fast.n_heads, dtype=ablation.fast.W_E.dtype)
+    for prompts in torch.arange(batch).split(chunk):
+        part = _subset(ablation, prompts)
+        metric, change = _knockout_estimates(part, keep[:, prompts])
+        total += metric * len(prompts) / batch
+        estimates += change * len(prompts) / batch
+    return total, estimates
+
+
+def _subset(ablation: MeanAblation, prompts: Tensor) -> MeanAblation:
+    return MeanAblation(
+        ablation.fast, ablation.tokens[prompts], ablation.end[prompts], ablation.io_token[prompts],
+        ablation.s_token[prompts], tuple(mean[prompts] for mean in ablation.mean_z), length_groups=(),
+    )
+
+
+def _knockout_estimates(ablation: MeanAblation, keep: Keep) -> tuple[float, Float[Tensor, "layer head"]]:
     edit, zs = _editor(ablation, keep[None], len(ablation.tokens)), []
 
     def edit_and_keep(layer, z, prompt, pos):
