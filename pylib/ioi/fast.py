@@ -71,8 +71,11 @@ class Layer:
 
     @functools.cached_property
     def W_gate_in(self) -> Float[Tensor, "d_model two_d_mlp"]:
-        """[W_gate | W_in]: one matrix product for both halves of SwiGLU is ~6% faster on a CPU."""
-        return torch.cat([self.W_gate, self.W_in], dim=1)
+        """[W_gate | W_in]: one matrix product for both halves of SwiGLU is ~6% faster on a CPU.
+        An ordinary tensor even when first asked for under inference mode, so that attribution
+        patching can backpropagate through it."""
+        with torch.inference_mode(False):
+            return torch.cat([self.W_gate, self.W_in], dim=1)
 
 
 @dataclass(frozen=True)
