@@ -57,11 +57,6 @@ class MeanAblation:
     # equals the clean run: knockouts carry only the rows between the two.
     length_groups: tuple[tuple[Int[Tensor, " _prompts"], int], ...]
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """The shape of a keep mask: (layer, batch, pos, head)."""
-        return (self.fast.n_layers, *self.tokens.shape, self.fast.n_heads)
-
 
 @torch.inference_mode()
 def prepare(
