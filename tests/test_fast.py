@@ -211,3 +211,21 @@ def test_bench_scaling_rows(monkeypatch):
     assert [(r["shape"], r["n"]) for r in rows] == [("gpt2-small", 4), ("gpt2-medium", 3)]
     assert (rows[1]["n_layers"], rows[1]["n_heads"], rows[1]["d_model"]) == (3, 4, 64)
     assert all(r["baseline_est_s"] == pytest.approx(r["bridge_forward_s"] * r["n_layers"] * r["n_heads"]) for r in rows)
+
+
+def test_cached_runs_are_reused_only_for_the_same_model_and_tokens(tiny_model):
+    """A study's sweeps share one clean and one corrupted run; a stale run must never be served."""
+    clean, corrupted = make_pair(tiny_model, n=4)
+    w = fast.as_fast(tiny_model)
+    tokens = clean.tokens.clone()
+    first = fast.cached_runs(w, tokens, corrupted.tokens)
+    assert fast.cached_runs(w, tokens.clone(), corrupted.tokens.clone()) is first  # equal values
+    tokens[0, -1] += 1  # changed in place: the kept copy still tells them apart
+    changed = fast.cached_runs(w, tokens, corrupted.tokens)
+    assert changed is not first
+    torch.testing.assert_close(changed[0].resid_final, fast.run_with_cache(w, tokens).resid_final)
+    other = fast.from_bridge(tiny_model)  # equal weights, another model object
+    assert fast.cached_runs(other, tokens, corrupted.tokens) is not changed
+    # a sweep run twice (the second time on the kept runs) gives the same numbers
+    args = _args(clean, corrupted)
+    torch.testing.assert_close(fast.head_out_sweep(w, *args), fast.head_out_sweep(w, *args), atol=0, rtol=0)

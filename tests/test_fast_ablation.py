@@ -183,3 +183,16 @@ def test_screened_greedy_with_every_head_is_the_greedy(tiny_gpt2):
     k = [tuple(int(x) for x in h.split(".")) for h in greedy.K.split()]
     assert len(k) == 2 and set(k) <= set(circuit.heads)
     assert greedy.F_C_minus_K == pytest.approx(_naive_f(tiny_gpt2, circuit.without(k), clean, corrupted), abs=1e-4)
+
+
+def test_group_means_are_shared_only_for_the_same_groups(tiny_gpt2):
+    """Faithfulness, completeness and minimality reuse one set of means; other groups get theirs."""
+    clean, corrupted = make_pair(tiny_gpt2, n=4)
+    args = (tiny_gpt2, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens)
+    one_group = fast_ablation.prepare(*args, torch.zeros(4, dtype=torch.long))
+    assert fast_ablation.prepare(*args, torch.zeros(4, dtype=torch.long)).mean_z is one_group.mean_z
+    own = fast_ablation.prepare(*args, torch.arange(4))  # each prompt its own group: its own z
+    assert own.mean_z is not one_group.mean_z
+    z = fast_ablation.run_with_cache(fast_ablation.as_fast(tiny_gpt2), corrupted.tokens).z
+    torch.testing.assert_close(own.mean_z[-1], z[-1])
+    torch.testing.assert_close(one_group.mean_z[-1], z[-1].mean(0, keepdim=True).expand_as(z[-1]))

@@ -426,12 +426,40 @@ def first_change(
     return int(differs[0]) if len(differs) else int(end.min())
 
 
+def reuse_last(compute):
+    """Keep `compute(fast, *tensors)`'s last result and return it again while it is called with
+    the same FastModel and equal tensors (compared by value, against copies). A study runs many
+    sweeps on one clean/corrupted pair: they share its cached runs instead of each paying for
+    them (two forwards, seconds on a real model). One result is kept, so memory stays bounded."""
+    last = {}
+
+    @functools.wraps(compute)
+    def wrapper(fast: FastModel, *tensors: Tensor):
+        if not (last and last["fast"] is fast and len(last["tensors"]) == len(tensors) and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(last["tensors"], tensors)
+        )):
+            last.clear()  # free the old result before computing the new one
+            last.update(fast=fast, tensors=tuple(t.clone() for t in tensors), value=compute(fast, *tensors))
+        return last["value"]
+
+    wrapper.forget = last.clear
+    return wrapper
+
+
+@reuse_last
+@torch.inference_mode()
+def cached_runs(
+    fast: FastModel, clean_tokens: Int[Tensor, "batch pos"], corrupted_tokens: Int[Tensor, "batch pos"]
+) -> tuple[Cache, Cache]:
+    """The clean and the corrupted run, cached (and reused: see `reuse_last`)."""
+    return run_with_cache(fast, clean_tokens), run_with_cache(fast, corrupted_tokens)
+
+
 def prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token) -> Task:
     fast = as_fast(model_or_fast)
     if clean_tokens.shape != corrupted_tokens.shape:
         raise ValueError("clean and corrupted prompts must have the same shape, position by position")
-    with torch.inference_mode():
-        clean, corrupted = run_with_cache(fast, clean_tokens), run_with_cache(fast, corrupted_tokens)
+    clean, corrupted = cached_runs(fast, clean_tokens, corrupted_tokens)
     return Task(fast, clean, corrupted, clean_tokens, corrupted_tokens, end, io_token, s_token)
 
 

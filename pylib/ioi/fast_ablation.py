@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ioi.fast import Cache, FastModel, as_fast, logit_diff_at, run_rows, run_with_cache
+from ioi.fast import Cache, FastModel, as_fast, logit_diff_at, reuse_last, run_rows, run_with_cache
 
 Keep = Bool[Tensor, "layer batch pos head"]  # True where a head's own output is kept
 
@@ -73,17 +73,27 @@ def prepare(
     fast = as_fast(model_or_fast)
     if tokens.shape != reference_tokens.shape or len(groups) != len(tokens):
         raise ValueError("the prompts, their reference prompts and their groups must be aligned one to one")
+    length_groups = tuple(
+        (prompts, _first_change(tokens[prompts], reference_tokens[prompts], groups[prompts], int(e)))
+        for e in end.unique() for prompts in [(end == e).nonzero()[:, 0]]
+    )
+    return MeanAblation(fast, tokens, end, io_token, s_token, group_means(fast, reference_tokens, groups), length_groups)
+
+
+@reuse_last  # faithfulness, completeness and minimality of one study share them
+@torch.inference_mode()
+def group_means(
+    fast: FastModel, reference_tokens: Int[Tensor, "batch pos"], groups: Int[Tensor, " batch"]
+) -> tuple[Float[Tensor, "batch pos head d_head"], ...]:
+    """Per layer, each head's output (z) averaged over the reference prompts of each group, as
+    the mean for every prompt of the group."""
     n_groups = int(groups.max()) + 1
     counts = torch.bincount(groups, minlength=n_groups).to(fast.W_E.dtype)
     means = []
     for z in run_with_cache(fast, reference_tokens).z:
         sums = torch.zeros(n_groups, *z.shape[1:], dtype=z.dtype).index_add_(0, groups, z)
         means.append((sums / counts[:, None, None, None])[groups])
-    length_groups = tuple(
-        (prompts, _first_change(tokens[prompts], reference_tokens[prompts], groups[prompts], int(e)))
-        for e in end.unique() for prompts in [(end == e).nonzero()[:, 0]]
-    )
-    return MeanAblation(fast, tokens, end, io_token, s_token, tuple(means), length_groups)
+    return tuple(means)
 
 
 def _first_change(tokens, reference_tokens, groups, end: int) -> int:

@@ -50,10 +50,9 @@ from torch import Tensor
 from ioi import path_patching
 from ioi.dataset import IOIDataset
 from ioi.fast import (
-    Cache, FastModel, as_fast, attend, attention_pattern, first_change, head_out, keys_values, logit_diff_at, mlp,
-    norm, queries, run_with_cache,
+    Cache, FastModel, as_fast, attend, attention_pattern, cached_runs, first_change, head_out, keys_values,
+    logit_diff_at, mlp, norm, queries,
 )
-from ioi.metrics import logit_diff
 
 Head = tuple[int, int]  # (layer, head)
 COLUMNS = ["layer", "head", "logit_diff", "relative_change"]
@@ -86,9 +85,10 @@ def path_patch_sweep(
     last = fast.n_layers if receivers == "logits" else min(l for l, _ in receivers)
     if last == 0:  # no head lies before a layer-0 receiver
         return pd.DataFrame(columns=COLUMNS)
+    clean_cache, corrupted_cache = cached_runs(fast, clean.tokens, corrupted.tokens)
     with torch.inference_mode():
-        clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
-        clean_cache, corrupted_cache = run_with_cache(fast, clean.tokens), run_with_cache(fast, corrupted.tokens)
+        at_end = clean_cache.resid_final[torch.arange(len(clean)), clean.end]
+        clean_ld = logit_diff_at(fast, at_end, clean.io_token, clean.s_token).mean().item()
         values = _sweep(
             fast, clean, corrupted, clean_cache, corrupted_cache, receivers, receiver_input,
             receiver_position, last, batch_size,
