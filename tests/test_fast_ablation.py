@@ -8,7 +8,7 @@ from conftest import make_pair
 from jaxtyping import TypeCheckError
 
 from ioi import circuit as C
-from ioi import fast_ablation
+from ioi import fast, fast_ablation
 from ioi.metrics import logit_diff
 
 
@@ -189,10 +189,14 @@ def test_group_means_are_shared_only_for_the_same_groups(tiny_gpt2):
     """Faithfulness, completeness and minimality reuse one set of means; other groups get theirs."""
     clean, corrupted = make_pair(tiny_gpt2, n=4)
     args = (tiny_gpt2, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens)
+    runs = fast.cached_runs(fast.as_fast(tiny_gpt2), clean.tokens, corrupted.tokens)
     one_group = fast_ablation.prepare(*args, torch.zeros(4, dtype=torch.long))
     assert fast_ablation.prepare(*args, torch.zeros(4, dtype=torch.long)).mean_z is one_group.mean_z
+    # one result is kept at a time: the means took the runs' place, and the runs take theirs
+    assert fast.cached_runs(fast.as_fast(tiny_gpt2), clean.tokens, corrupted.tokens) is not runs
+    assert fast_ablation.prepare(*args, torch.zeros(4, dtype=torch.long)).mean_z is not one_group.mean_z
     own = fast_ablation.prepare(*args, torch.arange(4))  # each prompt its own group: its own z
     assert own.mean_z is not one_group.mean_z
-    z = fast_ablation.run_with_cache(fast_ablation.as_fast(tiny_gpt2), corrupted.tokens).z
+    z = fast.run_with_cache(fast.as_fast(tiny_gpt2), corrupted.tokens).z
     torch.testing.assert_close(own.mean_z[-1], z[-1])
     torch.testing.assert_close(one_group.mean_z[-1], z[-1].mean(0, keepdim=True).expand_as(z[-1]))
