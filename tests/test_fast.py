@@ -220,7 +220,7 @@ def test_cached_runs_are_reused_only_for_the_same_model_and_tokens(tiny_model):
     tokens = clean.tokens.clone()
     first = fast.cached_runs(w, tokens, corrupted.tokens)
     assert fast.cached_runs(w, tokens.clone(), corrupted.tokens.clone()) is first  # equal values
-    tokens[0, -1] += 1  # changed in place: the kept copy still tells them apart
+    tokens[0, -1] = (tokens[0, -1] + 1) % w.W_E.shape[0]  # changed in place: the kept copy tells them apart
     changed = fast.cached_runs(w, tokens, corrupted.tokens)
     assert changed is not first
     torch.testing.assert_close(changed[0].resid_final, fast.run_with_cache(w, tokens).resid_final)

@@ -65,12 +65,16 @@ class Layer:
     b_O: Float[Tensor, " d_model"]
     W_in: Float[Tensor, "d_model d_mlp"]
     b_in: Float[Tensor, " d_mlp"]
-    W_gate: Float[Tensor, "d_model d_mlp"] | None  # SwiGLU's gate; None for a plain MLP
+    W_gate: Float[Tensor, "d_model d_mlp"] | None  # SwiGLU's gate; None for a plain MLP (as W_gate_in)
     W_out: Float[Tensor, "d_mlp d_model"]
     b_out: Float[Tensor, " d_model"]
     # SwiGLU's [W_gate | W_in], of which those two are views: one matrix product for both
     # halves is ~6% faster on a CPU
     W_gate_in: Float[Tensor, "d_model two_d_mlp"] | None = None
+
+    def __post_init__(self):
+        if (self.W_gate is None) != (self.W_gate_in is None):
+            raise ValueError("a SwiGLU layer needs both W_gate and the fused W_gate_in; a plain MLP neither")
 
 
 @dataclass(frozen=True)
@@ -436,20 +440,25 @@ def reuse_last(compute):
     FastModel and equal tensors (compared by value, against copies). A study runs many sweeps on
     one clean/corrupted pair: they share its cached runs instead of each paying for them (two
     forwards, seconds on a real model). One result is kept across every function so decorated,
-    and dropped before the next is computed, so keeping it never adds to peak memory."""
+    and dropped before the next is computed, so it never adds to the memory of the next such
+    computation (it is held until then: a cache of a study's size, not of a sweep's)."""
 
     @functools.wraps(compute)
     def wrapper(fast: FastModel, *tensors: Tensor):
-        same = _kept.get("compute") is compute and _kept["fast"] is fast and len(_kept["tensors"]) == len(tensors)
-        if not (same and all(
-            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(_kept["tensors"], tensors)
-        )):
+        if not (_kept.get("compute") is compute and _kept["fast"] is fast and _equal(_kept["tensors"], tensors)):
             _kept.clear()
             value = compute(fast, *tensors)
             _kept.update(compute=compute, fast=fast, tensors=tuple(t.clone() for t in tensors), value=value)
         return _kept["value"]
 
     return wrapper
+
+
+def _equal(kept: tuple[Tensor, ...], tensors: tuple[Tensor, ...]) -> bool:
+    return len(kept) == len(tensors) and all(
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+        for a, b in zip(kept, tensors)
+    )
 
 
 @reuse_last
