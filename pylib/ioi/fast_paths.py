@@ -119,24 +119,57 @@ def _sweep(
     batch, n_heads = len(clean), fast.n_heads
     end = clean.end
     if receivers == "logits":
-        positions, start = end, None
-    elif receiver_position is None:
-        positions, start = None, first_change(clean.tokens, corrupted.tokens, end)
+        positions = end
     else:
-        positions = clean.positions[receiver_position]
-        start = None if torch.equal(positions, end) and receiver_input == "q" else int(positions.min())
+        positions = None if receiver_position is None else clean.positions[receiver_position]
+    end_only = receivers == "logits" or (receiver_input == "q" and positions is not None and torch.equal(positions, end))
+    # Step 3 carries rows from the earliest patched position (or first difference) to END:
+    # prompts of one length at a time, so that no row is spent on padding. END-only patches
+    # carry one row per prompt whatever its length.
+    groups = [torch.arange(batch)] if end_only else [(end == e).nonzero()[:, 0] for e in end.unique()]
+    out = torch.zeros(last, n_heads, dtype=fast.W_E.dtype)
+    for group in groups:
+        if end_only:
+            start = None
+        elif positions is None:
+            start = first_change(clean.tokens[group], corrupted.tokens[group], end[group])
+        else:
+            start = int(positions[group].min())
+        out += _sweep_prompts(
+            fast, clean, clean_cache, corrupted_cache, receivers, receiver_input, positions, start, last,
+            group, batch_size,
+        ) * len(group) / batch
+    return out
+
+
+def _sweep_prompts(
+    fast: FastModel,
+    clean: IOIDataset,
+    clean_cache: Cache,
+    corrupted_cache: Cache,
+    receivers,
+    receiver_input: str,
+    positions: Int[Tensor, " batch"] | None,
+    start: int | None,
+    last: int,
+    prompts: Int[Tensor, " prompts"],
+    batch_size: int,
+) -> Float[Tensor, "layer head"]:
+    """`_sweep` on some of the prompts, carrying rows from `start` to their END in step 3 (END
+    alone when start is None)."""
+    n_heads, end = fast.n_heads, clean.end
     out = torch.empty(last, n_heads, dtype=fast.W_E.dtype)
-    heads_per_chunk = max(1, batch_size // batch)
+    heads_per_chunk = max(1, batch_size // len(prompts))
     for layer in range(last):
         dz = corrupted_cache.z[layer] - clean_cache.z[layer]  # [batch pos head d_head]
         for first in range(0, n_heads, heads_per_chunk):
             heads = torch.arange(first, min(n_heads, first + heads_per_chunk))
-            prompt = torch.arange(batch).repeat(len(heads))
-            head = heads.repeat_interleave(batch)
+            prompt = prompts.repeat(len(heads))
+            head = heads.repeat_interleave(len(prompts))
             if start is None:
                 pos, end_row = end[prompt][:, None], torch.zeros_like(prompt)
             else:
-                pos = torch.arange(start, int(end.max()) + 1).expand(len(prompt), -1)
+                pos = torch.arange(start, int(end[prompts].max()) + 1).expand(len(prompt), -1)
                 end_row = end[prompt] - start
             # Step 2, position-wise: only the patched positions (one row per variant, or every
             # carried row when patching at all positions). The sender's change to its layer's
@@ -161,7 +194,7 @@ def _sweep(
                 }
                 resid = _patched_forward(fast, clean_cache, layers[0], prompt, pos, end_row, mask, receiver_input, patches)
             ld = logit_diff_at(fast, resid, clean.io_token[prompt], clean.s_token[prompt])
-            out[layer, heads] = ld.view(len(heads), batch).mean(-1)
+            out[layer, heads] = ld.view(len(heads), len(prompts)).mean(-1)
     return out
 
 
