@@ -530,9 +530,9 @@ def _unpatched(task: Task) -> Float[Tensor, " batch"]:
     return logit_diff_at(task.fast, final, task.io_token, task.s_token)
 
 
-def _length_groups(task: Task) -> list[Tensor]:
+def length_groups(end: Int[Tensor, " batch"]) -> list[Int[Tensor, " prompts"]]:
     """Prompts grouped by END, so that no row is spent on another prompt's padding."""
-    return [(task.end == e).nonzero()[:, 0] for e in task.end.unique()]
+    return [(end == e).nonzero()[:, 0] for e in end.unique()]
 
 
 def _chunks(n: int, size: int):
@@ -559,7 +559,7 @@ def head_out_sweep(
     fast = task.fast
     out = torch.empty(fast.n_layers, fast.n_heads, task.batch, dtype=fast.W_E.dtype)
     # END-only patches change one row per prompt, whatever its length: no need to group.
-    groups = [torch.arange(task.batch)] if positions == "end" else _length_groups(task)
+    groups = [torch.arange(task.batch)] if positions == "end" else length_groups(task.end)
     for prompts in groups:
         start = None if positions == "end" else task.first_change(prompts)
         heads_per_chunk = max(1, batch_size // len(prompts))
@@ -632,7 +632,7 @@ def layer_out_sweep(
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast, clean, corrupted = task.fast, task.clean, task.corrupted
     out = torch.empty(fast.n_layers, task.batch, dtype=fast.W_E.dtype)
-    for prompts in _length_groups(task):
+    for prompts in length_groups(task.end):
         start = task.first_change(prompts)
         for i in range(fast.n_layers):
             diff = getattr(clean, component)(i, prompts) - getattr(corrupted, component)(i, prompts)
@@ -666,7 +666,7 @@ def head_input_sweep(
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast = task.fast
     out = torch.empty(len(heads), task.batch, dtype=fast.W_E.dtype)
-    for prompts in _length_groups(task):
+    for prompts in length_groups(task.end):
         start = task.first_change(prompts)
         for j, (i, head) in enumerate(heads):
             z = _attention_with_clean(task, i, prompts, activation, head)
@@ -744,7 +744,7 @@ def resid_named_sweep(
     a fraction of an early one."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     out = torch.empty(task.fast.n_layers, len(positions), task.batch, dtype=task.fast.W_E.dtype)
-    for prompts in _length_groups(task):  # so that a patch at END carries END alone
+    for prompts in length_groups(task.end):  # so that a patch at END carries END alone
         rows = torch.arange(len(prompts))
         for layer in range(task.fast.n_layers):
             for i, at in enumerate(positions[:, prompts]):

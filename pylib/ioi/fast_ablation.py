@@ -38,7 +38,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ioi.fast import Cache, FastModel, as_fast, logit_diff_at, reuse_last, run_rows, run_with_cache
+from ioi.fast import (
+    Cache, FastModel, as_fast, length_groups, logit_diff_at, reuse_last, run_rows, run_with_cache,
+)
 
 Keep = Bool[Tensor, "layer batch pos head"]  # True where a head's own output is kept
 
@@ -73,11 +75,11 @@ def prepare(
     fast = as_fast(model_or_fast)
     if tokens.shape != reference_tokens.shape or len(groups) != len(tokens):
         raise ValueError("the prompts, their reference prompts and their groups must be aligned one to one")
-    length_groups = tuple(
-        (prompts, _first_change(tokens[prompts], reference_tokens[prompts], groups[prompts], int(e)))
-        for e in end.unique() for prompts in [(end == e).nonzero()[:, 0]]
+    by_length = tuple(
+        (prompts, _first_change(tokens[prompts], reference_tokens[prompts], groups[prompts], int(end[prompts[0]])))
+        for prompts in length_groups(end)
     )
-    return MeanAblation(fast, tokens, end, io_token, s_token, group_means(fast, reference_tokens, groups), length_groups)
+    return MeanAblation(fast, tokens, end, io_token, s_token, group_means(fast, reference_tokens, groups), by_length)
 
 
 @reuse_last  # faithfulness, completeness and minimality of one study share them

@@ -51,7 +51,7 @@ from ioi import path_patching
 from ioi.dataset import IOIDataset
 from ioi.fast import (
     Cache, FastModel, as_fast, attend, attention_pattern, cached_runs, first_change, head_out, keys_values,
-    logit_diff_at, mlp, norm, queries,
+    length_groups, logit_diff_at, mlp, norm, queries,
 )
 
 Head = tuple[int, int]  # (layer, head)
@@ -126,7 +126,7 @@ def _sweep(
     # Step 3 carries rows from the earliest patched position (or first difference) to END:
     # prompts of one length at a time, so that no row is spent on padding. END-only patches
     # carry one row per prompt whatever its length.
-    groups = [torch.arange(batch)] if end_only else [(end == e).nonzero()[:, 0] for e in end.unique()]
+    groups = [torch.arange(batch)] if end_only else length_groups(end)
     out = torch.zeros(last, n_heads, dtype=fast.W_E.dtype)
     for group in groups:
         if end_only:
@@ -161,7 +161,6 @@ def _sweep_prompts(
     out = torch.empty(last, n_heads, dtype=fast.W_E.dtype)
     heads_per_chunk = max(1, batch_size // len(prompts))
     for layer in range(last):
-        dz = corrupted_cache.z[layer] - clean_cache.z[layer]  # [batch pos head d_head]
         for first in range(0, n_heads, heads_per_chunk):
             heads = torch.arange(first, min(n_heads, first + heads_per_chunk))
             prompt = prompts.repeat(len(heads))
@@ -175,9 +174,9 @@ def _sweep_prompts(
             # carried row when patching at all positions). The sender's change to its layer's
             # output, then the frozen forward.
             pos2 = pos if positions is None else positions[prompt][:, None]
-            delta = torch.einsum(
-                "nre,ned->nrd", dz[prompt[:, None], pos2, head[:, None]], fast.layers[layer].W_O[head]
-            )
+            at = prompt[:, None], pos2, head[:, None]
+            dz = corrupted_cache.z[layer][at] - clean_cache.z[layer][at]  # [n row d_head]
+            delta = torch.einsum("nre,ned->nrd", dz, fast.layers[layer].W_O[head])
             resid_mid = clean_cache.resid_mid(layer, (prompt[:, None], pos2)) + delta
             if receivers == "logits":  # pos2 is END
                 resid = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, [fast.n_layers])
