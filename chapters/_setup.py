@@ -12,9 +12,10 @@ import os
 import altair as alt
 import pandas as pd
 
-from ioi import plots, report
-from ioi.circuit import load_circuit
-from ioi.report import Md, ci, fmt, heads, pct, show
+from ioi.circuits.criteria import load_circuit
+from ioi.report import figures, scorecard, tables, text
+from ioi.report.figures import show
+from ioi.report.text import Md, ci, fmt, heads, pct
 from ioi.study import Study, StudyConfig
 
 N = int(os.environ.get("IOI_N", 100))
@@ -26,7 +27,7 @@ study = Study(StudyConfig(
 ))
 setup = {k: Md(v) if isinstance(v, str) else v for k, v in study.setup().items()}  # strings print unquoted inline
 circuit = study.circuit()
-claims = report.load_claims().set_index("claim_id")  # the published numbers we compare against
+claims = scorecard.load_claims().set_index("claim_id")  # the published numbers we compare against
 published = claims.published_value
-on_paper_model = study.config.model == report.PAPER_MODEL
+on_paper_model = study.config.model == scorecard.PAPER_MODEL
 alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard

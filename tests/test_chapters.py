@@ -167,12 +167,12 @@ def test_document_code_runs_top_to_bottom(name, chapter_env):
 
 
 def test_study_figures_draw_every_figure_from_the_cached_study(chapter_env):
-    """`plots.study_figures`, which `python -m ioi reproduce` saves, gives valid charts."""
-    from ioi import plots
+    """`figures.study_figures`, which `python -m ioi reproduce` saves, gives valid charts."""
+    from ioi.report import figures
     from ioi.study import Study, StudyConfig
 
     study = Study(StudyConfig(model=os.environ["IOI_MODEL"], n=8, n_path=4, top_heads=4))
-    figures = plots.study_figures(study)
+    figures = figures.study_figures(study)
     assert {"heads", "residual", "path_patching", "circuit", "faithfulness_by_template"} <= set(figures)
     for chart in figures.values():
         chart.to_dict()

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 from conftest import make_pair
 
-from ioi import discovery
-from ioi.circuit import Circuit, faithfulness
-from ioi.patching import patch_head_outputs
+from ioi.circuits import discovery
+from ioi.circuits.criteria import Circuit, faithfulness
+from ioi.engines.hooks import patch_head_outputs
 
 
 def _scores(**overrides):

@@ -1,4 +1,4 @@
-"""ioi.fast reproduces the bridge and TransformerLens's activation patching exactly."""
+"""ioi.engines.fast reproduces the bridge and TransformerLens's activation patching exactly."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import transformer_lens.patching as tlp
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import make_pair
-from ioi import fast
+from ioi.engines import fast
 from ioi.bench import bench_patching
 from ioi.metrics import logit_diff
 from ioi.models import from_hf_model, gpt2_tokenizer_directory
@@ -152,7 +152,7 @@ def test_tidy_frames(tiny_model):
 def test_named_residual_patching_matches_the_hook_sweep(tiny_model):
     """Patching the residual stream at each prompt's own S2, END, ... agrees with the hook-based
     reference, across prompts of different lengths."""
-    from ioi.patching import patch_residual
+    from ioi.engines.hooks import patch_residual
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
     assert len(set(clean.end.tolist())) > 1
@@ -164,7 +164,7 @@ def test_named_residual_patching_matches_the_hook_sweep(tiny_model):
 def test_layer_output_patching_matches_the_hook_sweep(tiny_model):
     """Whole attention and MLP layer outputs patched at every position, across prompts of
     different lengths, agree with the hook-based reference."""
-    from ioi.patching import patch_layer_outputs
+    from ioi.engines.hooks import patch_layer_outputs
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
     got = fast.layer_out_frame(tiny_model, clean, corrupted)
@@ -180,7 +180,7 @@ def test_layer_output_patching_matches_the_hook_sweep(tiny_model):
 def test_head_input_patching_matches_the_hook_sweeps(tiny_model):
     """Queries, keys, values and patterns of chosen heads agree with the hook-based sweeps,
     including the key/value head mapping under grouped-query attention."""
-    from ioi import patching
+    from ioi.engines import hooks as patching
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
     heads = [(0, 3), (1, 0), (2, 1), (2, 2)]

@@ -1,4 +1,4 @@
-"""The fast mean-ablation engine against the hook-based reference `ioi.circuit.run_circuit`."""
+"""The fast mean-ablation engine against the hook-based reference `ioi.circuits.criteria.run_circuit`."""
 
 import numpy as np
 import pandas as pd
@@ -7,8 +7,9 @@ import torch
 from conftest import make_pair
 from jaxtyping import TypeCheckError
 
-from ioi import circuit as C
-from ioi import fast, fast_ablation
+from ioi.circuits import criteria as C
+from ioi.engines import fast
+from ioi.engines import fast_ablation
 from ioi.metrics import logit_diff
 
 

@@ -1,11 +1,11 @@
-"""ioi.fast_paths reproduces the hook-based path patching sweep of ioi.path_patching."""
+"""ioi.engines.fast_paths reproduces the hook-based path patching sweep of ioi.engines.hooks_paths."""
 
 import pandas as pd
 import pytest
 from conftest import make_pair
 
-from ioi import fast_paths
-from ioi import path_patching as pp
+from ioi.engines import fast_paths
+from ioi.engines import hooks_paths as pp
 
 TOL = 1e-4
 

@@ -1,5 +1,5 @@
 """Follow-up experiments: the size sweep runs what it can and skips the rest with a reason;
-the template sweep covers every template and agrees with `ioi.circuit`; the CLI's JSON rows.
+the template sweep covers every template and agrees with `ioi.circuits.criteria`; the CLI's JSON rows.
 
 The sweeps take model names, so the tiny random GPT-2 is saved as a local Hugging Face
 directory (a name `load_model` accepts); the hub models are made unreachable with
@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from ioi import circuit as circuits
+from ioi.circuits import criteria
 from ioi import followups
+from ioi.report import text
 from ioi.cli import main
 from ioi.dataset import load_distribution
 from ioi.models import gpt2_tokenizer_directory
@@ -57,7 +58,7 @@ def test_size_sweep_runs_available_models_and_skips_the_rest(size_rows, tiny_dir
     assert list(size_rows.status) == ["ok", "skipped"]
     assert "gpt2-medium" in size_rows.reason.iloc[1]
     assert size_rows.n_layers.iloc[1] == 24  # a skipped size still says where it would sit
-    assert followups.skip_reasons(size_rows) == "is not in the local Hugging Face cache and the hub cannot be reached"
+    assert text.skip_reasons(size_rows) == "is not in the local Hugging Face cache and the hub cannot be reached"
 
 
 def test_size_row_is_complete_and_consistent(size_rows):
@@ -112,7 +113,7 @@ def test_template_rows_cover_every_template(tiny_dir):
 
 def test_whole_model_is_fully_faithful_on_every_template(tiny_study):
     """Ablating nothing leaves every prompt's logit difference as it was: faithfulness 1."""
-    whole = circuits.whole_model(tiny_study.model)
+    whole = criteria.whole_model(tiny_study.model)
     per_prompt = followups.prompt_faithfulness(tiny_study, whole)
     rows = pd.DataFrame(followups.template_rows(per_prompt) + followups.order_rows(per_prompt))
     np.testing.assert_allclose(rows[rows.level != "difference"].faithfulness, 1.0, rtol=1e-4)
@@ -120,11 +121,11 @@ def test_whole_model_is_fully_faithful_on_every_template(tiny_study):
 
 
 def test_template_rows_agree_with_circuit_faithfulness_by_template(tiny_study):
-    """The per-template rows are the numbers `ioi.circuit.faithfulness_by_template` gives, for
+    """The per-template rows are the numbers `ioi.circuits.criteria.faithfulness_by_template` gives, for
     a circuit that ablates most of the model."""
-    partial = circuits.Circuit({"some": ((0, 1), (2, 3))}, {"some": "ALL"})
+    partial = criteria.Circuit({"some": ((0, 1), (2, 3))}, {"some": "ALL"})
     ours = pd.DataFrame(followups.template_rows(followups.prompt_faithfulness(tiny_study, partial)))
-    reference = circuits.faithfulness_by_template(tiny_study.model, partial, tiny_study.clean, tiny_study.corrupted)
+    reference = criteria.faithfulness_by_template(tiny_study.model, partial, tiny_study.clean, tiny_study.corrupted)
     for column in ("n", "logit_diff_mean", "faithfulness", "faithfulness_ci_low", "logit_diff_ci_high"):
         np.testing.assert_allclose(ours[column], reference[column], rtol=1e-5, err_msg=column)
 

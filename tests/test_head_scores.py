@@ -3,7 +3,7 @@
 import torch
 from conftest import make_pair
 
-from ioi import head_scores
+from ioi.analyses import head_scores
 
 
 def test_attention_scores_read_the_named_entries(tiny_model):

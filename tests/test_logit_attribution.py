@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from ioi import logit_attribution as dla
+from ioi.analyses import logit_attribution as dla
 from ioi.metrics import logit_diff
 
 

@@ -9,8 +9,8 @@ import math
 import pandas as pd
 import pytest
 
-from ioi import report
-from ioi.report import Measured, verdict
+from ioi.report import figures, scorecard, tables, text
+from ioi.report.scorecard import Measured, verdict
 
 
 @pytest.mark.parametrize(
@@ -43,10 +43,10 @@ def test_range_rule_uses_the_published_range():
 
 def test_every_published_claim_has_a_known_measure_and_rule():
     """The claims file only names measures and rules the scorecard knows."""
-    claims = report.load_claims()
+    claims = scorecard.load_claims()
     assert claims.claim_id.is_unique
-    assert set(claims.measure.str.partition(":")[0]) <= set(report.MEASURES)
-    assert set(claims.rule.str.partition(":")[0]) <= set(report.RULE_TEXT)
+    assert set(claims.measure.str.partition(":")[0]) <= set(scorecard.MEASURES)
+    assert set(claims.rule.str.partition(":")[0]) <= set(scorecard.RULE_TEXT)
     assert set(claims.scope) <= {"any", "gpt2-small"}
 
 
@@ -78,7 +78,7 @@ CLAIMS = pd.DataFrame({
 
 def test_scorecard_judges_each_claim_on_the_paper_model():
     """On GPT-2 small each verdict is its rule's, with our value and CI beside it."""
-    card = report.scorecard(FakeStudy(), CLAIMS).set_index("claim_id")
+    card = scorecard.scorecard(FakeStudy(), CLAIMS).set_index("claim_id")
     assert card.verdict.to_dict() == {"ld": "reproduced", "prob": "not reproduced", "dla": "reproduced"}
     assert (card.loc["ld", "ci_low"], card.loc["ld", "ci_high"]) == (3.3, 3.8)
     assert card.loc["dla", "rank"] == 1
@@ -86,14 +86,14 @@ def test_scorecard_judges_each_claim_on_the_paper_model():
 
 def test_scorecard_on_another_model_is_a_reference_not_a_target():
     """On another model, GPT-2 numbers are 'not comparable' and named GPT-2 heads are dropped."""
-    card = report.scorecard(FakeStudy("smollm2-135m"), CLAIMS)
+    card = scorecard.scorecard(FakeStudy("smollm2-135m"), CLAIMS)
     assert list(card.claim_id) == ["ld", "prob"]
     assert set(card.verdict) == {"not comparable"}
 
 
 def test_scorecard_table_is_a_markdown_pipe_table():
     """The printed scorecard is a pipe table with one row per claim and the CI as text."""
-    text = report.scorecard_table(report.scorecard(FakeStudy(), CLAIMS))._repr_markdown_()
+    text = scorecard.scorecard_table(scorecard.scorecard(FakeStudy(), CLAIMS))._repr_markdown_()
     lines = text.splitlines()
     assert lines[0].startswith("| Claim |") and len(lines) == 2 + len(CLAIMS)
     assert "[3.30, 3.80]" in text
@@ -103,18 +103,18 @@ def test_residual_crossover_is_the_first_layer_where_end_beats_s2():
     """The layer at which END first restores more than S2."""
     rows = [(0, "S2", 0.9), (0, "END", 0.0), (1, "S2", 0.6), (1, "END", 0.3), (2, "S2", 0.2), (2, "END", 0.8)]
     frame = pd.DataFrame(rows, columns=["layer", "position", "patched_metric"])
-    assert report.residual_crossover(frame) == 2.0
-    assert math.isnan(report.residual_crossover(frame[frame.layer < 2]))
+    assert tables.residual_crossover(frame) == 2.0
+    assert math.isnan(tables.residual_crossover(frame[frame.layer < 2]))
 
 
 def test_numbers_for_prose_use_true_minus_signs():
     """Prose numbers are rounded, signed with U+2212, and display as Markdown."""
-    assert report.fmt(-1.904) == "−1.90"
-    assert report.fmt(3) == "3"
-    assert report.pct(0.873) == "87%"
-    assert report.ci(0.1, -0.2) == "[0.10, −0.20]"
-    assert report.fmt(float("nan")) == "n/a" and report.pct(float("nan")) == "n/a"
-    assert report.fmt(2.0)._repr_markdown_() == "2.00"
+    assert text.fmt(-1.904) == "−1.90"
+    assert text.fmt(3) == "3"
+    assert text.pct(0.873) == "87%"
+    assert text.ci(0.1, -0.2) == "[0.10, −0.20]"
+    assert text.fmt(float("nan")) == "n/a" and text.pct(float("nan")) == "n/a"
+    assert text.fmt(2.0)._repr_markdown_() == "2.00"
 
 
 def test_output_format_reads_quarto_execute_info(tmp_path, monkeypatch):
@@ -122,6 +122,6 @@ def test_output_format_reads_quarto_execute_info(tmp_path, monkeypatch):
     info = tmp_path / "info.json"
     info.write_text('{"format": {"pandoc": {"to": "typst"}}}')
     monkeypatch.setenv("QUARTO_EXECUTE_INFO", str(info))
-    assert report.output_format() == "typst" and not report.is_html()
+    assert figures.output_format() == "typst" and not figures.is_html()
     info.write_text('{"format": {"pandoc": {"to": "html5+smart"}}}')
-    assert report.output_format() == "html5" and report.is_html()
+    assert figures.output_format() == "html5" and figures.is_html()

@@ -1,4 +1,4 @@
-"""`ioi bench`: how much faster the exact sweeps of `ioi.fast` and attribution patching are.
+"""`ioi bench`: how much faster the exact sweeps of `ioi.engines.fast` and attribution patching are.
 
 - `bench patching`: our head-output sweep against TransformerLens's own activation patching on
   the same model, prompts and metric, in the same process. All positions: against
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ioi import fast
+from ioi.engines import fast
 from ioi.dataset import corrupt, make_dataset
 from ioi.metrics import logit_diff
 
@@ -36,38 +36,6 @@ GPT2_SHAPES = {  # name -> (n_layer, n_head, n_embd)
     "gpt2-large": (36, 20, 1280),
     "gpt2-xl": (48, 25, 1600),
 }
-
-
-def register(subparsers) -> None:
-    """Add `bench patching | attribution | scaling` to the CLI's subcommands."""
-    bench = subparsers.add_parser("bench", help="time the fast patching engines")
-    which = bench.add_subparsers(dest="bench_command", required=True)
-
-    patching = which.add_parser("patching", help="our head sweep vs TransformerLens's patching")
-    _common(patching, "gpt2-small-random", 20)
-    patching.add_argument("--positions", choices=("all", "end"), default="all")
-    patching.set_defaults(func=lambda a: _emit(bench_patching(a.model, a.n, a.positions, a.seed), a))
-
-    attribution = which.add_parser("attribution", help="attribution patching vs the exact sweep")
-    _common(attribution, "smollm2-135m", 50)
-    attribution.add_argument("--components", action="store_true",
-                             help="also compare every kind of component (resid, attn/MLP layers, q/k/v)")
-    attribution.set_defaults(func=lambda a: _emit(bench_attribution(a.model, a.n, a.seed, a.components), a))
-
-    scaling = which.add_parser("scaling", help="our sweep's time vs prompts and GPT-2 size")
-    scaling.add_argument("--ns", type=int, nargs="*", default=[10, 20, 50, 100])
-    scaling.add_argument("--sizes", nargs="*", default=list(GPT2_SHAPES), choices=list(GPT2_SHAPES))
-    scaling.add_argument("--n", type=int, default=20, help="prompts for the size sweep")
-    scaling.add_argument("--positions", choices=("all", "end"), default="all")
-    scaling.add_argument("--seed", type=int, default=0)
-    scaling.add_argument("--json", action="store_true")
-    scaling.set_defaults(
-        func=lambda a: _emit(bench_scaling(a.ns, a.sizes, a.n, a.positions, a.seed), a)
-    )
-
-    reproduce = which.add_parser("reproduce", help="wall time and peak memory of `reproduce`, cold and warm")
-    _common(reproduce, "smollm2-135m", 100)
-    reproduce.set_defaults(func=lambda a: _emit(bench_reproduce(a.model, a.n, a.seed), a))
 
 
 def bench_reproduce(model: str = "smollm2-135m", n: int = 100, seed: int = 0) -> dict:
@@ -91,26 +59,6 @@ def bench_reproduce(model: str = "smollm2-135m", n: int = 100, seed: int = 0) ->
                 summary = json.loads((Path(out) / "summary.json").read_text())
                 runs["cold_seconds_per_analysis"] = summary["seconds_per_analysis"]
     return {"model": model, "n": n, **runs}
-
-
-def _common(parser, model: str, n: int) -> None:
-    parser.add_argument("--model", default=model)
-    parser.add_argument("--n", type=int, default=n, help="number of prompts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print JSON only")
-
-
-def _emit(result, args) -> None:
-    if args.json:
-        print(json.dumps(result))
-        return
-    rows = result if isinstance(result, list) else [result]
-    for row in rows:
-        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _pair(model, n: int, seed: int):
@@ -182,7 +130,7 @@ def bench_patching(model="gpt2-small-random", n: int = 20, positions: fast.Posit
 def bench_attribution(model="smollm2-135m", n: int = 50, seed: int = 0, components: bool = False) -> dict:
     """Attribution patching against our exact all-position head sweep; with `components`, also
     against exact patching of every other kind of component (`compare_components`)."""
-    from ioi.attribution_patching import compare_components, compare_with_exact
+    from ioi.engines.attribution import compare_components, compare_with_exact
 
     model = _load(model)
     clean, corrupted = _pair(model, n, seed)

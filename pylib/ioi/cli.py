@@ -127,9 +127,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the CSV tables, figures and summary.json")
     p.set_defaults(func=cmd_reproduce)
 
-    bench.register(sub)
-    followups.register(sub)
+    register_bench(sub)
+    register_followups(sub)
     return parser
+
+
+# --- python -m ioi followup ---------------------------------------------------------------------
+
+
+def _emit_frame(frame: pd.DataFrame, as_json: bool) -> None:
+    print(frame.to_json(orient="records") if as_json else frame.to_string(index=False))
+
+
+def cmd_followup_size(args) -> None:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    n_senders = None if args.n_senders <= 0 else args.n_senders
+    _emit_frame(followups.size_sweep(models, args.n, args.seed, args.n_path, n_senders, args.device), args.json)
+
+
+def cmd_followup_templates(args) -> None:
+    _emit_frame(followups.template_sweep(args.model, args.n, args.seed, circuit_n=args.circuit_n, device=args.device), args.json)
+
+
+def register_followups(subparsers) -> None:
+    """`python -m ioi followup size | templates`."""
+    parser = subparsers.add_parser("followup", help="follow-up experiments: model size, template")
+    sub = parser.add_subparsers(dest="followup", required=True)
+
+    p = sub.add_parser("size", help="one row per model: baseline, name movers, S-inhibition, found circuit")
+    p.add_argument("--models", default=",".join(followups.GPT2_SIZES), help="comma-separated model names or local directories")
+    p.add_argument("--n", type=int, default=followups.N_SIZE, help="prompts per model (the same prompts for every GPT-2 size)")
+    p.add_argument("--n-path", type=int, default=followups.N_PATH_SIZE, help="prompts for path patching into the name movers")
+    p.add_argument("--n-senders", type=int, default=followups.N_SENDERS, help="senders screened by head patching; 0: every earlier head")
+    _followup_arguments(p)
+    p.set_defaults(func=cmd_followup_size)
+
+    p = sub.add_parser("templates", help="one row per template, then ABBA and BABA pooled and their difference")
+    p.add_argument("--model", default=StudyConfig().model)
+    p.add_argument("--n", type=int, default=followups.N_PER_TEMPLATE, help="prompts per template (30 templates)")
+    p.add_argument("--circuit-n", type=int, default=StudyConfig().n, help="prompts of the study whose circuit is evaluated")
+    _followup_arguments(p)
+    p.set_defaults(func=cmd_followup_templates)
+
+
+def _followup_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=StudyConfig().seed)
+    p.add_argument("--device", default=StudyConfig().device)
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+
+
+# --- python -m ioi bench ------------------------------------------------------------------------
+
+
+def register_bench(subparsers) -> None:
+    """`python -m ioi bench patching | attribution | scaling | reproduce`."""
+    parser = subparsers.add_parser("bench", help="time the fast patching engines")
+    which = parser.add_subparsers(dest="bench_command", required=True)
+
+    patching = which.add_parser("patching", help="our head sweep vs TransformerLens's patching")
+    _bench_arguments(patching, "gpt2-small-random", 20)
+    patching.add_argument("--positions", choices=("all", "end"), default="all")
+    patching.set_defaults(func=lambda a: _bench_emit(bench.bench_patching(a.model, a.n, a.positions, a.seed), a))
+
+    attribution = which.add_parser("attribution", help="attribution patching vs the exact sweep")
+    _bench_arguments(attribution, "smollm2-135m", 50)
+    attribution.add_argument("--components", action="store_true",
+                             help="also compare every kind of component (resid, attn/MLP layers, q/k/v)")
+    attribution.set_defaults(func=lambda a: _bench_emit(bench.bench_attribution(a.model, a.n, a.seed, a.components), a))
+
+    scaling = which.add_parser("scaling", help="our sweep's time vs prompts and GPT-2 size")
+    scaling.add_argument("--ns", type=int, nargs="*", default=[10, 20, 50, 100])
+    scaling.add_argument("--sizes", nargs="*", default=list(bench.GPT2_SHAPES), choices=list(bench.GPT2_SHAPES))
+    scaling.add_argument("--n", type=int, default=20, help="prompts for the size sweep")
+    scaling.add_argument("--positions", choices=("all", "end"), default="all")
+    scaling.add_argument("--seed", type=int, default=0)
+    scaling.add_argument("--json", action="store_true")
+    scaling.set_defaults(
+        func=lambda a: _bench_emit(bench.bench_scaling(a.ns, a.sizes, a.n, a.positions, a.seed), a)
+    )
+
+    reproduce = which.add_parser("reproduce", help="wall time and peak memory of `reproduce`, cold and warm")
+    _bench_arguments(reproduce, "smollm2-135m", 100)
+    reproduce.set_defaults(func=lambda a: _bench_emit(bench.bench_reproduce(a.model, a.n, a.seed), a))
+
+
+def _bench_arguments(parser, model: str, n: int) -> None:
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--n", type=int, default=n, help="number of prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON only")
+
+
+def _bench_emit(result, args) -> None:
+    if args.json:
+        print(json.dumps(result))
+        return
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,7 @@
    share GPT-2's tokenizer, so one seed gives identical prompts): the baseline, the heads that
    act as name movers and negative name movers, whether the strongest path into the name movers'
    queries comes from S-inhibition-like heads, and the smallest circuit the fixed procedure of
-   `ioi.discovery` finds. Published point of comparison: the exhaustive enumeration of the 15
+   `ioi.circuits.discovery` finds. Published point of comparison: the exhaustive enumeration of the 15
    BABA templates gives mean logit differences 3.79 / 4.18 / 4.68 for small / medium / large.
 2. Template (`template_sweep`). One model and one fixed circuit, evaluated on each of the 30
    templates (15 BABA and their ABBA versions) separately. Miller et al. 2024 report that the
@@ -12,16 +12,15 @@
    so besides one row per template we pool the prompts of each order and bootstrap the
    difference between the two orders.
 
-Both return tidy DataFrames; models whose weights cannot be had here become rows with status
-"skipped" and the reason, and the rest still run. `register` adds `python -m ioi followup`.
+Both return tidy DataFrames (compute only: their sentences are in `ioi.report.text`, their charts
+in `ioi.report.figures`, their command line in `ioi.cli`); models whose weights cannot be had
+here become rows with status "skipped" and the reason, and the rest still run.
 Every expensive step goes through `Study` or `ioi.cache.cached`, so reruns are served from the
 results cache.
 """
 
 from __future__ import annotations
 
-import argparse
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,11 +29,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ioi import circuit as circuits
-from ioi import fast_paths
 from ioi.cache import cached
+from ioi.circuits import criteria
+from ioi.circuits.discovery import ATTENTION_FLOOR, DIRECT_SHARE
 from ioi.dataset import IOIDataset, load_distribution
-from ioi.discovery import ATTENTION_FLOOR, DIRECT_SHARE
+from ioi.engines import fast_paths
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from ioi.models import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
@@ -206,13 +205,13 @@ def _path_sweep(model, clean: IOIDataset, corrupted: IOIDataset, senders, receiv
 
 
 def found_circuit_faithfulness(study: Study) -> dict:
-    """Faithfulness (with its CI) of the circuit `ioi.discovery` finds, on the study's prompts."""
+    """Faithfulness (with its CI) of the circuit `ioi.circuits.discovery` finds, on the study's prompts."""
     found = study.found_circuit()
     if sorted(study.circuit().heads) == sorted(found.heads):
         return study.faithfulness()  # the study's own circuit: share its cache entry
     return cached(
         "followup_found_circuit_faithfulness",
-        lambda: circuits.faithfulness(study.model, found, study.clean, study.corrupted, study.config.seed),
+        lambda: criteria.faithfulness(study.model, found, study.clean, study.corrupted, study.config.seed),
         {"config": repr(study.config), "heads": found.heads}, study.model, (study.clean, study.corrupted),
     )
 
@@ -224,7 +223,7 @@ def template_sweep(
     model: str = "gpt2-small",
     n_per_template: int = N_PER_TEMPLATE,
     seed: int = 0,
-    circuit: circuits.Circuit | None = None,
+    circuit: criteria.Circuit | None = None,
     circuit_n: int = StudyConfig().n,
     device: str = "cpu",
 ) -> pd.DataFrame:
@@ -245,13 +244,13 @@ def template_sweep(
     return frame.assign(model=model, circuit_size=len(circuit.heads))
 
 
-def prompt_faithfulness(study: Study, circuit: circuits.Circuit) -> pd.DataFrame:
+def prompt_faithfulness(study: Study, circuit: criteria.Circuit) -> pd.DataFrame:
     """Per prompt: template, order, F(C) (only the circuit, the rest mean-ablated per template)
-    and F(M) (the whole model), as in `ioi.circuit.faithfulness_by_template`."""
+    and F(M) (the whole model), as in `ioi.circuits.criteria.faithfulness_by_template`."""
     model, clean, corrupted = study.model, study.clean, study.corrupted
 
     def compute() -> pd.DataFrame:
-        f_c, f_m = circuits.circuit_and_model(model, circuit, clean, corrupted, None)
+        f_c, f_m = criteria.circuit_and_model(model, circuit, clean, corrupted, None)
         return pd.DataFrame({"template_id": clean.template_id, "order": clean.order, "F_C": f_c, "F_M": f_m})
 
     params = {"config": repr(study.config), "circuit": circuit.to_frame().to_dict("records")}
@@ -262,7 +261,7 @@ def _summary(frame: pd.DataFrame, seed: int) -> dict:
     """Logit difference (BCa CI) and faithfulness F(C)/F(M) (paired bootstrap CI) of prompts."""
     f_c, f_m = frame.F_C.to_numpy(), frame.F_M.to_numpy()
     ld_low, ld_high = bootstrap_ci(f_m, seed)
-    low, high = circuits.ratio_ci(f_c, f_m, seed) if len(frame) > 1 else (np.nan, np.nan)
+    low, high = criteria.ratio_ci(f_c, f_m, seed) if len(frame) > 1 else (np.nan, np.nan)
     return {
         "n": len(frame),
         "logit_diff_mean": float(f_m.mean()),
@@ -275,7 +274,7 @@ def _summary(frame: pd.DataFrame, seed: int) -> dict:
 
 
 def template_rows(per_prompt: pd.DataFrame, seed: int = 0) -> list[dict]:
-    """One row per template (the numbers `ioi.circuit.faithfulness_by_template` gives)."""
+    """One row per template (the numbers `ioi.circuits.criteria.faithfulness_by_template` gives)."""
     return [
         {"level": "template", "template_id": int(t), "order": frame.order.iloc[0], **_summary(frame, seed)}
         for t, frame in per_prompt.groupby("template_id")
@@ -327,7 +326,7 @@ def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
     """Per class: heads and mean relative depth in the paper's GPT-2 small circuit and in a
     found circuit (from `circuit_classes`). The paper's was drawn by hand over many experiments,
     the found one by a fixed procedure, so counts compare procedures as much as models."""
-    paper = circuits.load_circuit().to_frame()
+    paper = criteria.load_circuit().to_frame()
     paper = paper.assign(relative_depth=relative_depth(paper.layer, GPT2_SHAPES["gpt2-small"]["n_layers"]))
     parts = []
     for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (found)", found)):
@@ -347,177 +346,3 @@ def top_heads_by_score(study: Study, k: int = 3) -> pd.DataFrame:
             rows.append({"score": score, "layer": int(r.layer), "head": int(r["head"]), "value": float(r[score]),
                          "relative_depth": float(relative_depth(r.layer, study.model.cfg.n_layers))})
     return pd.DataFrame(rows)
-
-
-# --- Numbers for prose (inline `{python}` expressions in chapters/followups.qmd) ---------------
-
-
-def _md(text: str):
-    from ioi.report import Md  # Markdown, so Quarto inserts it without quotes
-
-    return Md(text)
-
-
-def _num(x, digits: int = 2, percent: bool = False) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "n/a"
-    return (f"{100 * x:.0f}%" if percent else f"{x:.{digits}f}").replace("-", "−")
-
-
-def ci_text(mean, low, high, digits: int = 2, percent: bool = False):
-    """'3.56 [3.40, 3.71]': a mean and its 95% interval."""
-    return _md(f"{_num(mean, digits, percent)} [{_num(low, digits, percent)}, {_num(high, digits, percent)}]")
-
-
-def listing(items, empty: str = "none"):
-    """'a, b and c'."""
-    items = [str(i) for i in items]
-    if len(items) < 2:
-        return _md("".join(items) or empty)
-    return _md(", ".join(items[:-1]) + " and " + items[-1])
-
-
-def per_model(frame: pd.DataFrame, describe, empty: str = "none ran") -> str:
-    """'model: text' for each row of `frame`, joined; `describe(row)` gives the text."""
-    return listing([f"{row.model}: {describe(row)}" for row in frame.itertuples()], empty)
-
-
-def size_text(row) -> str:
-    """One size's results in a phrase, for `per_model`."""
-    return (
-        f"logit difference {ci_text(row.logit_diff_mean, row.logit_diff_ci_low, row.logit_diff_ci_high)}, "
-        f"{len(row.name_movers)} name movers at relative depth {_num(row.name_mover_depth)}, "
-        f"{len(row.negative_name_movers)} negative name movers, "
-        f"strongest path into the name movers' queries {_num(row.s_inhibition_to_nm_effect, percent=True)}, "
-        f"a found circuit of {row.circuit_size} heads ({_num(row.circuit_share_of_heads, percent=True)} of all) "
-        f"in {row.seconds:.0f} s"
-    )
-
-
-def order_summary(sweep: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
-    """The pooled ABBA row, the pooled BABA row and their difference, from `template_sweep`."""
-    at = sweep[sweep.level != "template"].set_index("order")
-    return at.loc["ABBA"], at.loc["BABA"], at.loc["ABBA-BABA"]
-
-
-def template_range(sweep: pd.DataFrame, order: str):
-    """'57% to 99%': the lowest and highest per-template faithfulness of one name order."""
-    values = sweep[(sweep.level == "template") & (sweep.order == order)].faithfulness
-    return _md(f"{_num(values.min(), percent=True)} to {_num(values.max(), percent=True)}")
-
-
-def skip_reasons(sweep: pd.DataFrame):
-    """Why sizes were skipped, each distinct reason once, without the model's name:
-    'is not in the local Hugging Face cache and the hub cannot be reached'."""
-    reasons = sweep[sweep.status == "skipped"].reason
-    short = [re.sub(r"^\S+ (\([^)]*\) )?", "", r.split(". ")[0]).rstrip(".") for r in reasons]
-    return listing(list(dict.fromkeys(short)), empty="no size was skipped")
-
-
-def interval_verdict(low, high):
-    return _md("excludes zero" if low > 0 or high < 0 else "includes zero")
-
-
-def class_text(comparison: pd.DataFrame, model_label: str):
-    """'3 name mover (depth 0.82), 4 S-inhibition (depth 0.66), ...' for one model of
-    `class_comparison`."""
-    frame = comparison[comparison.model == model_label].sort_values("mean_relative_depth")
-    return listing([f"{r.heads} {r._1} (depth {_num(r.mean_relative_depth)})" for r in frame.itertuples()])
-
-
-def best_heads(scores: pd.DataFrame, score: str):
-    """The top heads for one score of `top_heads_by_score`: '5.5 (0.41, depth 0.45)'."""
-    frame = scores[scores.score == score]
-    return listing([f"{r.layer}.{r.head} ({_num(r.value)}, depth {_num(r.relative_depth)})" for r in frame.itertuples()])
-
-
-# --- Plots: a tidy DataFrame in, an altair chart out -------------------------------------------
-
-
-def size_chart(sweep: pd.DataFrame):
-    """Logit difference by model (x) with 95% CIs, the published enumeration means beside
-    them, and a grey "no weights" mark at 0 for each size that was skipped."""
-    import altair as alt
-
-    measured = sweep[sweep.status == "ok"].assign(source="this study, 95% CI")
-    skipped = sweep[sweep.status == "skipped"].assign(logit_diff_mean=0.0, source="skipped: no weights here")
-    published = pd.DataFrame(
-        [{"model": m, "logit_diff_mean": v, "source": "published enumeration (BOS, BABA)"} for m, v in ENUMERATION_LOGIT_DIFF.items()]
-    )
-    data = pd.concat([measured, skipped, published], ignore_index=True)[
-        ["model", "source", "logit_diff_mean"] + [c for c in ("logit_diff_ci_low", "logit_diff_ci_high") if c in measured]
-    ]
-    order = list(dict.fromkeys([*GPT2_SIZES, *sweep.model]))
-    x = alt.X("model:N", scale=alt.Scale(domain=order), axis=alt.Axis(labelAngle=0), title=None)
-    color = alt.Color("source:N", title=None, legend=alt.Legend(labelLimit=300))
-    base = alt.Chart(data)
-    points = base.mark_point(filled=True, size=70).encode(x, alt.Y("logit_diff_mean:Q", title="logit difference, IO − S"), color)
-    layers = [points]
-    if len(measured):
-        bars = base.transform_filter(alt.datum.source == "this study, 95% CI").mark_rule().encode(
-            x, alt.Y("logit_diff_ci_low:Q"), alt.Y2("logit_diff_ci_high:Q"), color)
-        layers.insert(0, bars)
-    return alt.layer(*layers).properties(width=420, height=220).configure_legend(orient="bottom")
-
-
-def template_chart(sweep: pd.DataFrame):
-    """Faithfulness per template (x) with 95% CIs, coloured by name order; the pooled mean of
-    each order as a dotted rule, full faithfulness (1) as a grey dashed rule; one row of
-    panels per model (`sweep` may hold several models' `template_sweep`s)."""
-    import altair as alt
-
-    data = sweep[sweep.level != "difference"].assign(template=sweep.template_id.astype(float))
-    x = alt.X("template:O", title="template id (2k: BABA, 2k+1: its ABBA version)")
-    y = alt.Y("faithfulness:Q", title="faithfulness F(C)/F(M)")
-    color = alt.Color("order:N", title="name order")
-    per_template = alt.Chart().transform_filter(alt.datum.level == "template")
-    points = per_template.mark_point(filled=True).encode(x, y, color)
-    bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low:Q"), alt.Y2("faithfulness_ci_high:Q"), color)
-    pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
-    one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
-    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=180)
-    return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
-
-
-# --- Command line: python -m ioi followup {size, templates} -------------------------------------
-
-
-def _emit(frame: pd.DataFrame, as_json: bool) -> None:
-    print(frame.to_json(orient="records") if as_json else frame.to_string(index=False))
-
-
-def cmd_size(args) -> None:
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    n_senders = None if args.n_senders <= 0 else args.n_senders
-    _emit(size_sweep(models, args.n, args.seed, args.n_path, n_senders, args.device), args.json)
-
-
-def cmd_templates(args) -> None:
-    _emit(template_sweep(args.model, args.n, args.seed, circuit_n=args.circuit_n, device=args.device), args.json)
-
-
-def register(subparsers) -> None:
-    """Add `followup size` and `followup templates` to the `python -m ioi` parser."""
-    parser = subparsers.add_parser("followup", help="follow-up experiments: model size, template")
-    sub = parser.add_subparsers(dest="followup", required=True)
-
-    p = sub.add_parser("size", help="one row per model: baseline, name movers, S-inhibition, found circuit")
-    p.add_argument("--models", default=",".join(GPT2_SIZES), help="comma-separated model names or local directories")
-    p.add_argument("--n", type=int, default=N_SIZE, help="prompts per model (the same prompts for every GPT-2 size)")
-    p.add_argument("--n-path", type=int, default=N_PATH_SIZE, help="prompts for path patching into the name movers")
-    p.add_argument("--n-senders", type=int, default=N_SENDERS, help="senders screened by head patching; 0: every earlier head")
-    _common(p)
-    p.set_defaults(func=cmd_size)
-
-    p = sub.add_parser("templates", help="one row per template, then ABBA and BABA pooled and their difference")
-    p.add_argument("--model", default=StudyConfig().model)
-    p.add_argument("--n", type=int, default=N_PER_TEMPLATE, help="prompts per template (30 templates)")
-    p.add_argument("--circuit-n", type=int, default=StudyConfig().n, help="prompts of the study whose circuit is evaluated")
-    _common(p)
-    p.set_defaults(func=cmd_templates)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=StudyConfig().seed)
-    p.add_argument("--device", default=StudyConfig().device)
-    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ioi import plots
+from ioi.report import figures
 from ioi.study import Study
 
 TABLES = {
@@ -46,7 +46,7 @@ def reproduce(study: Study, out: Path) -> dict:
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, analysis in tqdm(TABLES.items(), desc=f"reproducing on {study.config.model}"):
         _write_atomically(out / "tables" / f"{name}.csv", analysis(study).to_csv(index=False))
-    for name, chart in plots.study_figures(study).items():
+    for name, chart in figures.study_figures(study).items():
         chart.save(str(out / "figures" / f"{name}.svg"))
     summary = {
         "setup": study.setup(),

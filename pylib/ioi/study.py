@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ioi import circuit as circuits
-from ioi import fast, fast_paths, head_scores, logit_attribution, metrics
+from ioi import metrics
+from ioi.analyses import head_scores, logit_attribution
 from ioi.cache import cached
+from ioi.circuits import criteria
+from ioi.circuits.discovery import classify_heads, find_circuit
 from ioi.dataset import corrupt, make_dataset
-from ioi.discovery import classify_heads, find_circuit
+from ioi.engines import fast, fast_paths
 from ioi.models import load_model
 
 
@@ -161,7 +163,7 @@ class Study:
     @_analysis
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
         """Each head's output patched at every position ("all") or at END only ("end"),
-        computed by the fast exact engine (`ioi.fast`)."""
+        computed by the fast exact engine (`ioi.engines.fast`)."""
         return self._normalised(fast.head_out_frame(self.model, self.clean, self.corrupted, positions))
 
     def _normalised(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -225,14 +227,14 @@ class Study:
 
     # --- The circuit ---------------------------------------------------------------------------
 
-    def circuit(self) -> circuits.Circuit:
+    def circuit(self) -> criteria.Circuit:
         """The paper's 26-head circuit for GPT-2 small; for other models, the circuit found by
-        `ioi.discovery.find_circuit` (with the paper's classes assigned from head scores)."""
+        `ioi.circuits.discovery.find_circuit` (with the paper's classes assigned from head scores)."""
         if self.config.model == "gpt2-small":
-            return circuits.load_circuit()
+            return criteria.load_circuit()
         return self.found_circuit()
 
-    def found_circuit(self) -> circuits.Circuit:
+    def found_circuit(self) -> criteria.Circuit:
         found = self._found_circuit_table()
         logit_diff = self.baseline().logit_diff.mean()
         return classify_heads(found[found.in_circuit], self.head_scores(), self.head_attributions(), logit_diff)
@@ -246,19 +248,19 @@ class Study:
 
     @_analysis
     def faithfulness(self) -> dict:
-        return circuits.faithfulness(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
+        return criteria.faithfulness(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
 
     @_analysis
     def faithfulness_by_template(self) -> pd.DataFrame:
-        return circuits.faithfulness_by_template(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
+        return criteria.faithfulness_by_template(self.model, self.circuit(), self.clean, self.corrupted, self.config.seed)
 
     @_analysis(uses=("greedy_candidates",))
     def completeness(self) -> pd.DataFrame:
-        return circuits.completeness(
+        return criteria.completeness(
             self.model, self.circuit(), self.clean, self.corrupted,
             greedy_candidates=self.config.greedy_candidates, seed=self.config.seed,
         )
 
     @_analysis
     def minimality(self) -> pd.DataFrame:
-        return circuits.minimality(self.model, self.circuit(), self.clean, self.corrupted)
+        return criteria.minimality(self.model, self.circuit(), self.clean, self.corrupted)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from ioi import path_patching as pp
+from ioi.engines import hooks_paths as pp
 from ioi.metrics import logit_diff
 
 

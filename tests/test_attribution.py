@@ -3,8 +3,8 @@
 import torch
 
 from conftest import make_pair
-from ioi import fast
-from ioi.attribution_patching import attribute, compare_with_exact, top_k_overlap
+from ioi.engines import fast
+from ioi.engines.attribution import attribute, compare_with_exact, top_k_overlap
 from ioi.metrics import logit_diff
 
 
@@ -96,7 +96,7 @@ def test_attention_output_attribution_is_the_sum_over_heads(tiny_model):
 
 
 def test_component_comparison_covers_every_kind(tiny_model):
-    from ioi.attribution_patching import compare_components
+    from ioi.engines.attribution import compare_components
 
     clean, corrupted = make_pair(tiny_model, n=6)
     result = compare_components(tiny_model, clean, corrupted)

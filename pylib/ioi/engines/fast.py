@@ -628,7 +628,7 @@ def layer_out_sweep(
     per_prompt: bool = False,
 ) -> Float[Tensor, "layer *batch"]:
     """Logit difference at END after patching a whole layer's clean attention or MLP output
-    into the corrupted run at every position (as `ioi.patching.patch_layer_outputs`)."""
+    into the corrupted run at every position (as `ioi.engines.hooks.patch_layer_outputs`)."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast, clean, corrupted = task.fast, task.clean, task.corrupted
     out = torch.empty(fast.n_layers, task.batch, dtype=fast.W_E.dtype)
@@ -661,7 +661,7 @@ def head_input_sweep(
 ) -> Float[Tensor, "item *batch"]:
     """Logit difference at END after patching one head's clean queries, keys, values or
     attention pattern into the corrupted run at every position, for each (layer, head) in
-    `heads` (as `ioi.patching.patch_head_queries`, ...). Keys and values are indexed by key/value
+    `heads` (as `ioi.engines.hooks.patch_head_queries`, ...). Keys and values are indexed by key/value
     head: under grouped-query attention patching one changes every query head of its group."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast = task.fast
@@ -756,7 +756,7 @@ def resid_named_sweep(
 
 def resid_named_frame(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2", "END")) -> pd.DataFrame:
     """`resid_named_sweep` on two `IOIDataset`s at their named positions, as a tidy frame
-    (layer, position, logit_diff); the same experiment as `ioi.patching.patch_residual`."""
+    (layer, position, logit_diff); the same experiment as `ioi.engines.hooks.patch_residual`."""
     at = torch.stack([clean.positions[name] for name in positions])
     values = resid_named_sweep(
         model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, at
@@ -769,7 +769,7 @@ def resid_named_frame(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S
 
 def layer_out_frame(model, clean, corrupted) -> pd.DataFrame:
     """`layer_out_sweep` for attention and MLP outputs, as a tidy frame (layer, logit_diff,
-    component) like `ioi.patching.patch_layer_outputs`."""
+    component) like `ioi.engines.hooks.patch_layer_outputs`."""
     args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
     frames = []
     for component in ("attn", "mlp"):
@@ -782,7 +782,7 @@ def layer_out_frame(model, clean, corrupted) -> pd.DataFrame:
 def head_input_frame(model, clean, corrupted, heads: list[tuple[int, int]]) -> pd.DataFrame:
     """`head_input_sweep` of queries, keys, values and patterns of `heads` (query heads; keys
     and values are reported per key/value head, once per group), as a tidy frame (layer, head,
-    logit_diff, activation) like the `ioi.patching.patch_head_*` sweeps."""
+    logit_diff, activation) like the `ioi.engines.hooks.patch_head_*` sweeps."""
     args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
     group = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
     frames = []

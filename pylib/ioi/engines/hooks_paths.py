@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ioi.dataset import IOIDataset
 from ioi.metrics import logit_diff
-from ioi.patching import run_with_cache
+from ioi.engines.hooks import run_with_cache
 
 Head = tuple[int, int]  # (layer, head)
 

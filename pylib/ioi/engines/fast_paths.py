@@ -1,8 +1,8 @@
-"""Exact path patching, fast: the sweep of `ioi.path_patching.path_patch_sweep` without hooks.
+"""Exact path patching, fast: the sweep of `ioi.engines.hooks_paths.path_patch_sweep` without hooks.
 
-`ioi.path_patching` runs, per sender head, two or three full hooked forwards of the bridge. Most
+`ioi.engines.hooks_paths` runs, per sender head, two or three full hooked forwards of the bridge. Most
 of that work repeats the clean run. This module computes the same numbers from one clean and
-one corrupted cached forward of `ioi.fast.FastModel`, and only the rows that can change.
+one corrupted cached forward of `ioi.engines.fast.FastModel`, and only the rows that can change.
 
 Why it is exact
 ---------------
@@ -47,9 +47,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ioi import path_patching
+from ioi.engines import hooks_paths
 from ioi.dataset import IOIDataset
-from ioi.fast import (
+from ioi.engines.fast import (
     Cache, FastModel, as_fast, attend, attention_pattern, cached_runs, first_change, head_out, keys_values,
     length_groups, logit_diff_at, mlp, norm, queries,
 )
@@ -67,7 +67,7 @@ def path_patch_sweep(
     receiver_position: str | None = None,
     batch_size: int = 512,
 ) -> pd.DataFrame:
-    """`ioi.path_patching.path_patch_sweep`, exactly (to float rounding), from cached forwards.
+    """`ioi.engines.hooks_paths.path_patch_sweep`, exactly (to float rounding), from cached forwards.
 
     Each head in layers before every receiver in turn as the single sender; one row per sender
     (layer, head, mean logit difference, change relative to the clean run). `batch_size` bounds
@@ -77,7 +77,7 @@ def path_patch_sweep(
     if receivers != "logits" and not receivers:
         return pd.DataFrame(columns=COLUMNS)
     if receivers != "logits" and receiver_input not in ("q", "k", "v"):
-        return path_patching.path_patch_sweep(
+        return hooks_paths.path_patch_sweep(
             model, clean, corrupted, receivers, receiver_input, receiver_position
         )
     fast = as_fast(model)

@@ -13,7 +13,7 @@ One clean forward (for a_clean), one corrupted forward and one backward pass of 
 the gradient) then give the estimate for every component and position together. It is exact when
 M is linear in the patched activation along the path from a_corr to a_clean, and degrades where
 attention patterns or norms bend that path; `compare_with_exact` measures how much, against the
-exact sweep of `ioi.fast`. The forwards here are `ioi.fast`'s pure-torch model, whose logits equal
+exact sweep of `ioi.engines.fast`. The forwards here are `ioi.engines.fast`'s pure-torch model, whose logits equal
 the bridge's, so gradients are taken without hooks.
 """
 
@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ioi import fast as fastlib
+from ioi.engines import fast as fastlib
 
 
 @dataclass(frozen=True)

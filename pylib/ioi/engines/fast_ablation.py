@@ -1,6 +1,6 @@
 """Mean-ablation runs, fast: a circuit and many of its knockouts from one cached run.
 
-The paper's circuit criteria (`ioi.circuit`) run the model with every head outside a circuit
+The paper's circuit criteria (`ioi.circuits.criteria`) run the model with every head outside a circuit
 replaced by its mean output over the ABC prompts of the same template (mean-ablation), then
 again with a few more heads removed: completeness needs |C| such knockouts per greedy step,
 minimality about 2|C|. Naively each is a full hooked forward. Here each is as short as it can
@@ -25,7 +25,7 @@ circuit at every step), `knockout_estimates` gives every single-head knockout's 
 order from one forward and one backward pass, as attribution patching does for patches, so that
 only the most promising candidates need an exact run.
 
-`tests/test_fast_ablation.py` checks every result against the hook-based `ioi.circuit.run_circuit`
+`tests/test_fast_ablation.py` checks every result against the hook-based `ioi.circuits.criteria.run_circuit`
 on GPT-2- and Llama-shaped models.
 """
 
@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ioi.fast import (
+from ioi.engines.fast import (
     Cache, FastModel, as_fast, length_groups, logit_diff_at, reuse_last, run_rows, run_with_cache,
 )
 

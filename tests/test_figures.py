@@ -1,5 +1,5 @@
 """Each figure function turns a small hand-made frame (the columns its Study method returns) into
-a valid altair chart, and `report.show` gives HTML an interactive chart and a PDF a static image."""
+a valid altair chart, and `figures.show` gives HTML an interactive chart and a PDF a static image."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ioi import plots, report
+from ioi.report import figures, tables
 
 LAYERS, HEADS = 3, 4
 
@@ -53,19 +53,19 @@ def frames() -> dict:
 
 
 CHARTS = {
-    "dla_heatmap": lambda f: plots.dla_heatmap(f["dla"]),
-    "head_patching_heatmap": lambda f: plots.head_patching_heatmap(f["patching"]),
-    "heads_figure": lambda f: plots.heads_figure(f["dla"], f["patching"]),
-    "residual_heatmap": lambda f: plots.residual_heatmap(f["residual"]),
-    "layer_patching_bars": lambda f: plots.layer_patching_bars(f["layers"]),
-    "residual_figure": lambda f: plots.residual_figure(f["residual"], f["layers"]),
-    "logit_lens": lambda f: plots.logit_lens(f["lens"]),
-    "baseline_distribution": lambda f: plots.baseline_distribution(f["baseline"]),
-    "path_patching_heatmaps": lambda f: plots.path_patching_heatmaps(f["paths"]),
-    "attention_heatmap": lambda f: plots.attention_heatmap(f["patterns"]),
-    "scores_strip": lambda f: plots.scores_strip(f["scores"]),
-    "circuit_diagram": lambda f: plots.circuit_diagram(f["nodes"], f["edges"]),
-    "faithfulness_by_template": lambda f: plots.faithfulness_by_template(f["templates"]),
+    "dla_heatmap": lambda f: figures.dla_heatmap(f["dla"]),
+    "head_patching_heatmap": lambda f: figures.head_patching_heatmap(f["patching"]),
+    "heads_figure": lambda f: figures.heads_figure(f["dla"], f["patching"]),
+    "residual_heatmap": lambda f: figures.residual_heatmap(f["residual"]),
+    "layer_patching_bars": lambda f: figures.layer_patching_bars(f["layers"]),
+    "residual_figure": lambda f: figures.residual_figure(f["residual"], f["layers"]),
+    "logit_lens": lambda f: figures.logit_lens(f["lens"]),
+    "baseline_distribution": lambda f: figures.baseline_distribution(f["baseline"]),
+    "path_patching_heatmaps": lambda f: figures.path_patching_heatmaps(f["paths"]),
+    "attention_heatmap": lambda f: figures.attention_heatmap(f["patterns"]),
+    "scores_strip": lambda f: figures.scores_strip(f["scores"]),
+    "circuit_diagram": lambda f: figures.circuit_diagram(f["nodes"], f["edges"]),
+    "faithfulness_by_template": lambda f: figures.faithfulness_by_template(f["templates"]),
 }
 
 
@@ -79,14 +79,14 @@ def test_plot_returns_a_valid_altair_chart(name, frames):
 
 def test_heatmap_shows_the_data_it_was_given(frames):
     """The head heatmap carries every (layer, head) value unchanged: plots compute nothing."""
-    spec = plots.dla_heatmap(frames["dla"]).to_dict()
+    spec = figures.dla_heatmap(frames["dla"]).to_dict()
     values = next(iter(spec["datasets"].values()))
     assert sorted(v["mean"] for v in values) == sorted(frames["dla"]["mean"])
 
 
 def test_circuit_diagram_sizes_edges_by_effect(frames):
     """Edge width encodes the measured effect size, colour its sign."""
-    layers = plots.circuit_diagram(frames["nodes"], frames["edges"]).to_dict()["layer"]
+    layers = figures.circuit_diagram(frames["nodes"], frames["edges"]).to_dict()["layer"]
     rule = next(l for l in layers if l["mark"]["type"] == "rule")
     assert rule["encoding"]["strokeWidth"]["field"] == "size"
     assert rule["encoding"]["color"]["field"] == "sign"
@@ -101,23 +101,23 @@ def _execute_info(tmp_path, monkeypatch, to: str) -> None:
 def test_show_is_interactive_outside_a_render(frames, monkeypatch):
     """Without QUARTO_EXECUTE_INFO (tests, a console) the chart comes back as it is."""
     monkeypatch.delenv("QUARTO_EXECUTE_INFO", raising=False)
-    chart = plots.logit_lens(frames["lens"])
-    assert report.output_format() == "html"
-    assert report.show(chart) is chart
+    chart = figures.logit_lens(frames["lens"])
+    assert figures.output_format() == "html"
+    assert figures.show(chart) is chart
 
 
 def test_show_is_interactive_for_html(frames, tmp_path, monkeypatch):
     """An HTML render gets the altair chart itself, which carries its JavaScript."""
     _execute_info(tmp_path, monkeypatch, "html")
-    chart = plots.logit_lens(frames["lens"])
-    assert report.show(chart) is chart
+    chart = figures.logit_lens(frames["lens"])
+    assert figures.show(chart) is chart
 
 
 @pytest.mark.parametrize("to", ["typst", "latex", "pdf"])
 def test_show_is_a_png_for_pdf_targets(to, frames, tmp_path, monkeypatch):
     """Typst or LaTeX PDFs run no JavaScript: they get a PNG, and nothing interactive."""
     _execute_info(tmp_path, monkeypatch, to)
-    shown = report.show(plots.logit_lens(frames["lens"]))
+    shown = figures.show(figures.logit_lens(frames["lens"]))
     assert not isinstance(shown, alt.TopLevelMixin)
     assert shown._repr_png_().startswith(b"\x89PNG")
     assert shown._repr_svg_() is None
@@ -126,20 +126,20 @@ def test_show_is_a_png_for_pdf_targets(to, frames, tmp_path, monkeypatch):
 def test_show_can_emit_svg_for_pdf_targets(frames, tmp_path, monkeypatch):
     """Asked for SVG, a static render gets SVG text."""
     _execute_info(tmp_path, monkeypatch, "typst")
-    shown = report.show(plots.logit_lens(frames["lens"]), static="svg")
+    shown = figures.show(figures.logit_lens(frames["lens"]), static="svg")
     assert shown._repr_svg_().lstrip().startswith("<svg")
 
 
 def test_attention_falls_back_to_a_static_heatmap_in_pdf(frames, tmp_path, monkeypatch):
     """In a PDF the circuitsvis widget is replaced by the altair heatmap, as a PNG."""
     _execute_info(tmp_path, monkeypatch, "typst")
-    shown = report.show_attention(frames["patterns"], plots.attention_heatmap(frames["patterns"]))
+    shown = figures.show_attention(frames["patterns"], figures.attention_heatmap(frames["patterns"]))
     assert shown._repr_png_().startswith(b"\x89PNG")
 
 
 def test_attention_in_html_is_interactive(frames, tmp_path, monkeypatch):
     """In HTML: circuitsvis's widget if installed, else the interactive altair chart."""
     _execute_info(tmp_path, monkeypatch, "html")
-    chart = plots.attention_heatmap(frames["patterns"])
-    shown = report.show_attention(frames["patterns"], chart)
+    chart = figures.attention_heatmap(frames["patterns"])
+    shown = figures.show_attention(frames["patterns"], chart)
     assert shown is chart or "circuitsvis" in type(shown).__module__ or hasattr(shown, "_repr_html_")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_pair
 
-from ioi import circuit as C
+from ioi.circuits import criteria as C
 from ioi.metrics import logit_diff
 
 

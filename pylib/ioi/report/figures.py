@@ -1,23 +1,106 @@
 """The report's figures: a tidy DataFrame in, an altair chart out, one function per figure.
 
 No function here computes anything about the model; each reads the columns a `Study` method
-(or a helper in `ioi.report`) returns. Colours: one diverging scale centred on zero for every
-signed effect (blue helps IO, red hurts it), one categorical scale for head classes.
-`study_figures(study)` draws them all from a study's cached results, for `python -m ioi reproduce`.
+(or `ioi.report.tables.tables`, or a follow-up in `ioi.followups`) returns. Colours: one diverging scale
+centred on zero for every signed effect (blue helps IO, red hurts it), one categorical scale for
+head classes. `study_figures(study)` draws them all from a study's cached results, for
+`python -m ioi reproduce`.
+
+Output format. During a render Quarto sets `QUARTO_EXECUTE_INFO` to a JSON file whose
+`format.pandoc.to` names the target ("html", "typst", "latex", ...). A PDF has no JavaScript,
+so `show(chart)` hands HTML an interactive altair chart and every other target a PNG made by
+vl-convert. Outside a render (tests, a console) the format is "html".
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import altair as alt
+import numpy as np
 import pandas as pd
 
+from ioi.followups import ENUMERATION_LOGIT_DIFF, GPT2_SIZES
+from ioi.report import tables
+
+
+HTML_FORMATS = {"html", "html4", "html5", "revealjs", "dashboard"}
+
+
+PNG_SCALE = 2  # about 200 dpi at the default chart size: sharp in a PDF, small on disk
+
+
+def output_format() -> str:
+    """The pandoc target of the render in progress ("html" outside a render)."""
+    path = os.environ.get("QUARTO_EXECUTE_INFO")
+    if not path or not Path(path).exists():
+        return "html"
+    fmt = json.loads(Path(path).read_text()).get("format", {})
+    to = fmt.get("pandoc", {}).get("to") or fmt.get("identifier", {}).get("base-format", "html")
+    return to.split("+")[0].split("-")[0]  # "html5+smart" -> "html5"
+
+
+def is_html() -> bool:
+    return output_format() in HTML_FORMATS
+
+
+class Static:
+    """A static image that Jupyter (and so Quarto) displays by its MIME type; no IPython needed."""
+
+    def __init__(self, data, mime: str):
+        self.data, self.mime = data, mime
+
+    def _repr_png_(self):
+        return self.data if self.mime == "image/png" else None
+
+    def _repr_svg_(self):
+        return self.data if self.mime == "image/svg+xml" else None
+
+
+def show(chart: alt.TopLevelMixin, static: str = "png"):
+    """The chart itself in HTML (interactive); a PNG (or SVG) of it anywhere else."""
+    if is_html():
+        return chart
+    import vl_convert as vlc
+
+    spec = chart.to_dict()
+    if static == "svg":
+        return Static(vlc.vegalite_to_svg(spec), "image/svg+xml")
+    return Static(vlc.vegalite_to_png(spec, scale=PNG_SCALE), "image/png")
+
+
+def show_attention(patterns: pd.DataFrame, chart: alt.TopLevelMixin):
+    """circuitsvis's interactive patterns in HTML when it is installed; else `chart`, static."""
+    if is_html():
+        try:
+            import circuitsvis as cv
+        except ImportError:
+            return show(chart)
+        tokens = patterns.drop_duplicates("query_pos").sort_values("query_pos")["query"].str.split(":", n=1).str[1]
+        stack = [
+            p.pivot(index="query_pos", columns="key_pos", values="attention").fillna(0.0).to_numpy()
+            for _, p in patterns.groupby("head", sort=False)
+        ]
+        return cv.attention.attention_heads(
+            attention=np.stack(stack), tokens=tokens.tolist(),
+            attention_head_names=list(dict.fromkeys(patterns["head"])),
+        )
+    return show(chart)
+
+
 DIVERGING = alt.Scale(scheme="redblue", domainMid=0)
+
+
 CLASSES = dict(zip(
     ["name mover", "backup name mover", "negative name mover", "S-inhibition", "induction",
      "duplicate token", "previous token", "other", "found", "logits", "not in circuit"],
     ["#1f77b4", "#9ecae1", "#d62728", "#ff7f0e", "#2ca02c", "#98df8a", "#9467bd",
      "#8c564b", "#7f7f7f", "#000000", "#dddddd"],
 ))  # class -> colour, the same in every figure
+
+
 def _class_scale(classes) -> alt.Scale:
     """The class colours, listing only the classes present (in the fixed order)."""
     present = [c for c in CLASSES if c in set(classes)]
@@ -98,7 +181,7 @@ def baseline_distribution(per_prompt: pd.DataFrame) -> alt.Chart:
 
 
 def path_patching_heatmaps(paths: pd.DataFrame) -> alt.FacetChart:
-    """Path patching (`ioi.report.path_patching`): one heatmap per receiver, coloured by the
+    """Path patching (`ioi.report.tables.path_patching`): one heatmap per receiver, coloured by the
     change in logit difference relative to clean (negative: the path carries the signal)."""
     return alt.Chart(paths.assign(name=_head_label(paths))).mark_rect().encode(
         x=alt.X("head:O", axis=alt.Axis(labelAngle=0)),
@@ -111,7 +194,7 @@ def path_patching_heatmaps(paths: pd.DataFrame) -> alt.FacetChart:
 
 
 def attention_heatmap(patterns: pd.DataFrame) -> alt.FacetChart:
-    """Attention of a few heads on one prompt (`ioi.report.attention_patterns`)."""
+    """Attention of a few heads on one prompt (`ioi.report.tables.attention_patterns`)."""
     order = patterns.drop_duplicates("query_pos").sort_values("query_pos")["query"].tolist()
     return alt.Chart(patterns).mark_rect().encode(
         x=alt.X("key:N", sort=order, title="key (attended to)"),
@@ -134,7 +217,7 @@ def scores_strip(scores: pd.DataFrame) -> alt.Chart:
 
 
 def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame) -> alt.LayerChart:
-    """The circuit as measured (`ioi.report.circuit_graph`): heads at (layer, class), edges
+    """The circuit as measured (`ioi.report.tables.circuit_graph`): heads at (layer, class), edges
     from path patching with width by the share of the logit difference they carry."""
     rows = nodes[nodes["class"] != "logits"].drop_duplicates("class")
     y_axis = alt.Axis(values=rows.row.tolist(), labelExpr=_label_expr(rows), title=None, grid=False)
@@ -173,19 +256,58 @@ def faithfulness_by_template(table: pd.DataFrame) -> alt.LayerChart:
     return (bars + points + one).properties(width=WIDTH, height=WIDTH * 0.8)
 
 
+def size_chart(sweep: pd.DataFrame):
+    """Logit difference by model (x) with 95% CIs, the published enumeration means beside
+    them, and a grey "no weights" mark at 0 for each size that was skipped."""
+    measured = sweep[sweep.status == "ok"].assign(source="this study, 95% CI")
+    skipped = sweep[sweep.status == "skipped"].assign(logit_diff_mean=0.0, source="skipped: no weights here")
+    published = pd.DataFrame(
+        [{"model": m, "logit_diff_mean": v, "source": "published enumeration (BOS, BABA)"} for m, v in ENUMERATION_LOGIT_DIFF.items()]
+    )
+    data = pd.concat([measured, skipped, published], ignore_index=True)[
+        ["model", "source", "logit_diff_mean"] + [c for c in ("logit_diff_ci_low", "logit_diff_ci_high") if c in measured]
+    ]
+    order = list(dict.fromkeys([*GPT2_SIZES, *sweep.model]))
+    x = alt.X("model:N", scale=alt.Scale(domain=order), axis=alt.Axis(labelAngle=0), title=None)
+    color = alt.Color("source:N", title=None, legend=alt.Legend(labelLimit=300))
+    base = alt.Chart(data)
+    points = base.mark_point(filled=True, size=70).encode(x, alt.Y("logit_diff_mean:Q", title="logit difference, IO − S"), color)
+    layers = [points]
+    if len(measured):
+        bars = base.transform_filter(alt.datum.source == "this study, 95% CI").mark_rule().encode(
+            x, alt.Y("logit_diff_ci_low:Q"), alt.Y2("logit_diff_ci_high:Q"), color)
+        layers.insert(0, bars)
+    return alt.layer(*layers).properties(width=420, height=220).configure_legend(orient="bottom")
+
+
+def template_chart(sweep: pd.DataFrame):
+    """Faithfulness per template (x) with 95% CIs, coloured by name order; the pooled mean of
+    each order as a dotted rule, full faithfulness (1) as a grey dashed rule; one row of
+    panels per model (`sweep` may hold several models' `template_sweep`s)."""
+    data = sweep[sweep.level != "difference"].assign(template=sweep.template_id.astype(float))
+    x = alt.X("template:O", title="template id (2k: BABA, 2k+1: its ABBA version)")
+    y = alt.Y("faithfulness:Q", title="faithfulness F(C)/F(M)")
+    color = alt.Color("order:N", title="name order")
+    per_template = alt.Chart().transform_filter(alt.datum.level == "template")
+    points = per_template.mark_point(filled=True).encode(x, y, color)
+    bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low:Q"), alt.Y2("faithfulness_ci_high:Q"), color)
+    pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
+    one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
+    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=180)
+    return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
+
+
 def study_figures(study) -> dict[str, alt.TopLevelMixin]:
     """Every figure of the report, from the study's cached results (name -> chart)."""
-    from ioi import report  # report builds the frames that combine analyses
-
-    patterns = report.attention_patterns(study, report.key_heads(study))
+    patterns = tables.attention_patterns(study, tables.key_heads(study))
     return {
         "baseline_distribution": baseline_distribution(study.baseline()),
         "heads": heads_figure(study.head_attributions(), study.head_patching()),
         "residual": residual_figure(study.residual_patching(), study.layer_patching()),
         "logit_lens": logit_lens(study.logit_lens()),
-        "path_patching": path_patching_heatmaps(report.path_patching(study)),
+        "path_patching": path_patching_heatmaps(tables.path_patching(study)),
         "attention": attention_heatmap(patterns),
-        "scores": scores_strip(report.scores_long(study)),
-        "circuit": circuit_diagram(*report.circuit_graph(study)),
+        "scores": scores_strip(tables.scores_long(study)),
+        "circuit": circuit_diagram(*tables.circuit_graph(study)),
         "faithfulness_by_template": faithfulness_by_template(study.faithfulness_by_template()),
     }

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ioi.circuit import Circuit, circuit_logit_diffs, mean_ablation, whole_model
+from ioi.circuits.criteria import Circuit, circuit_logit_diffs, mean_ablation, whole_model
 
 DIRECT_SHARE = 0.1  # |DLA| above this share of the logit difference counts as a direct effect
 ATTENTION_FLOOR = 0.1  # a head is called induction/duplicate/previous only above this score

@@ -5,7 +5,7 @@ import torch
 import transformer_lens.patching as tl_patching
 from conftest import make_pair
 
-from ioi import patching
+from ioi.engines import hooks as patching
 from ioi.metrics import logit_diff
 
 

@@ -14,7 +14,7 @@ mean-ablation), so that the ablated heads carry the sentence structure but no na
 Means are per template *and* per token alignment: prompts of one template can differ in length
 when a place or object is several tokens, so we group by template and by the named positions.
 
-`run_circuit` is the readable hook-based definition; the criteria run on `ioi.fast_ablation`,
+`run_circuit` is the readable hook-based definition; the criteria run on `ioi.engines.fast_ablation`,
 which computes the same numbers from one cached run per base circuit (tests/test_fast_ablation.py).
 """
 
@@ -32,10 +32,10 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi import fast_ablation
+from ioi.engines import fast_ablation
 from ioi.dataset import DATA_DIR, POSITIONS, IOIDataset
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
-from ioi.patching import run_with_cache
+from ioi.engines.hooks import run_with_cache
 
 Head = tuple[int, int]
 
@@ -144,7 +144,7 @@ def run_circuit(model, circuit: Circuit, dataset: IOIDataset, means: dict) -> Fl
 
 # --- The three criteria --------------------------------------------------------------------------
 #
-# They run on the fast engine (`ioi.fast_ablation`): the same numbers as `run_circuit`, computed
+# They run on the fast engine (`ioi.engines.fast_ablation`): the same numbers as `run_circuit`, computed
 # from one cached run per base circuit, each knockout only from the layer where it starts to differ.
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ioi.dataset import IOIDataset
 from ioi.metrics import summarise
-from ioi.patching import run_with_cache
+from ioi.engines.hooks import run_with_cache
 
 
 def logit_diff_directions(model, dataset: IOIDataset) -> Float[Tensor, "batch d_model"]:

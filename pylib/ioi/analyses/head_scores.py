@@ -20,8 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ioi.dataset import IOIDataset
-from ioi.logit_attribution import apply_norm, norm_scale
-from ioi.patching import run_with_cache
+from ioi.analyses.logit_attribution import apply_norm, norm_scale
+from ioi.engines.hooks import run_with_cache
 
 ATTENTION_SCORES = {
     # score name: (query position, key position)

@@ -11,7 +11,7 @@ writes the clean values into the corrupted activation for one index (a layer, a 
 position). The public sweeps are thin wrappers. Positions are named per prompt ("S2", "END", ...)
 because templates differ in length: "the S2 position" is a different index in each prompt.
 
-These are the reference implementations, one forward pass per patched component. `ioi.fast`
+These are the reference implementations, one forward pass per patched component. `ioi.engines.fast`
 computes the head-output and residual sweeps much faster, and is tested against these.
 """
 

@@ -1,0 +1,202 @@
+"""The scorecard: each published claim measured on the study's model and judged by its rule.
+
+`data/published_claims.csv` holds each published number with the rule that decides whether we
+reproduced it (published value inside our 95% CI, within 20%, same sign and top-k, ...) and the
+name of the measured quantity it maps to. `scorecard(study)` measures each claim, applies its rule
+and returns one row per claim. The GPT-2 small numbers are a reference, not a target, for any
+other model: there the verdict reads "not comparable", and claims about named GPT-2 heads are left
+out because they cannot be measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ioi.dataset import DATA_DIR
+from ioi.report.tables import residual_crossover
+from ioi.report.text import MarkdownTable, Md, ci, fmt, pct
+
+
+CLAIMS_PATH = DATA_DIR / "published_claims.csv"
+
+
+PAPER_MODEL = "gpt2-small"  # the model the published numbers were measured on
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A measured quantity: its value, its 95% CI where we have one, and for per-head measures
+    its rank among all heads by absolute value (1 = largest)."""
+
+    value: float
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    rank: int | None = None
+
+
+def load_claims(path: Path = CLAIMS_PATH) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"caveat": str}).fillna({"caveat": ""})
+
+
+def _summary_row(frame: pd.DataFrame, metric: str) -> Measured:
+    row = frame.set_index("metric").loc[metric]
+    return Measured(row["mean"], row.ci_low, row.ci_high)
+
+
+def _head_measure(frame: pd.DataFrame, column: str, head: str) -> Measured:
+    layer, h = (int(x) for x in head.split("."))
+    ranked = frame.assign(size=frame[column].abs()).sort_values("size", ascending=False, ignore_index=True)
+    at = ranked.index[(ranked.layer == layer) & (ranked["head"] == h)]
+    if not len(at):
+        return Measured(float("nan"))
+    row = ranked.loc[at[0]]
+    return Measured(row[column], row.get("ci_low", float("nan")), row.get("ci_high", float("nan")), int(at[0]) + 1)
+
+
+def _faithfulness(study) -> Measured:
+    f = study.faithfulness()
+    return Measured(f["faithfulness"], f["faithfulness_ci_low"], f["faithfulness_ci_high"])
+
+
+def _faithfulness_median(study, order: str) -> Measured:
+    table = study.faithfulness_by_template()
+    values = table.faithfulness[table.order == order]
+    return Measured(float(values.median()) if len(values) else float("nan"))
+
+
+def _greedy(study) -> Measured:
+    table = study.completeness()
+    return Measured(float(table.incompleteness[table.subset == "greedy"].max()))
+
+
+def _knockout_cost(study, cls: str) -> Measured:
+    """Share of the whole model's F lost when one class is mean-ablated (completeness's F(M \\ K))."""
+    table = study.completeness().set_index("subset")
+    if f"class: {cls}" not in table.index:
+        return Measured(float("nan"))
+    return Measured(1 - table.F_M_minus_K[f"class: {cls}"] / table.F_M_minus_K["empty"])
+
+
+MEASURES = {
+    # measure name (the part before ":"): function(study, argument after ":") -> Measured
+    "baseline.logit_diff": lambda s, _: _summary_row(s.baseline_summary(), "logit_diff"),
+    "baseline.io_prob": lambda s, _: _summary_row(s.baseline_summary(), "io_prob"),
+    "baseline.io_beats_s": lambda s, _: _summary_row(s.baseline_summary(), "io_beats_s"),
+    "residual.end_overtakes_s2": lambda s, _: Measured(residual_crossover(s.residual_patching())),
+    "dla": lambda s, head: _head_measure(s.head_attributions(), "mean", head),
+    "head_patching": lambda s, head: _head_measure(s.head_patching(), "patched_metric", head),
+    "circuit.faithfulness": lambda s, _: _faithfulness(s),
+    "circuit.faithfulness_median": _faithfulness_median,
+    "circuit.minimality_min": lambda s, _: Measured(float(s.minimality().relative_change.min())),
+    "circuit.greedy_incompleteness": lambda s, _: _greedy(s),
+    "circuit.knockout_cost": _knockout_cost,
+}
+
+
+def measure(study, name: str) -> Measured:
+    key, _, arg = name.partition(":")
+    return MEASURES[key](study, arg)
+
+
+def verdict(rule: str, published: float, measured: Measured, low: float = float("nan"), high: float = float("nan")) -> str:
+    """'reproduced' or 'not reproduced' by the claim's rule; 'not measured' without a value."""
+    if measured.value is None or math.isnan(measured.value):
+        return "not measured"
+    kind, _, arg = rule.partition(":")
+    v = measured.value
+    checks = {
+        "in_ci": lambda: measured.ci_low <= published <= measured.ci_high,
+        "within_rel": lambda: abs(v - published) <= float(arg) * abs(published),
+        "within_abs": lambda: abs(v - published) <= float(arg),
+        "same_sign_top": lambda: np.sign(v) == np.sign(published) and measured.rank is not None and measured.rank <= int(arg),
+        "at_least": lambda: v >= published,
+        "in_range": lambda: low <= v <= high,
+    }
+    return "reproduced" if checks[kind]() else "not reproduced"
+
+
+RULE_TEXT = {
+    "in_ci": "published value in our 95% CI",
+    "within_rel": "within {:.0%} of the published value",
+    "within_abs": "within ±{} of the published value",
+    "same_sign_top": "same sign, and among our top {} heads by |value|",
+    "at_least": "at least the published value",
+    "in_range": "inside the published range",
+}
+
+
+def rule_text(rule: str) -> str:
+    kind, _, arg = rule.partition(":")
+    text = RULE_TEXT[kind]
+    return text.format(float(arg) if kind == "within_rel" else arg) if arg else text
+
+
+def _value_text(x) -> str:
+    """A table cell: whole numbers such as a layer index without decimals."""
+    if pd.isna(x):
+        return "n/a"
+    return str(fmt(int(x))) if float(x).is_integer() and abs(x) >= 2 else str(fmt(x))
+
+
+def published_text(claim) -> str:
+    if not pd.isna(claim.published_low):
+        return f"{fmt(claim.published_low)}–{fmt(claim.published_high)}"
+    return _value_text(claim.published_value)
+
+
+def score(claims: pd.DataFrame, measured: dict, comparable: bool) -> pd.DataFrame:
+    """One row per claim: published, measured with CI, rule and verdict. `measured` maps the
+    measure name to a `Measured`; without `comparable` every verdict is 'not comparable'."""
+    rows = []
+    for claim in claims.itertuples(index=False):
+        m = measured[claim.measure]
+        rule_verdict = verdict(claim.rule, claim.published_value, m, claim.published_low, claim.published_high)
+        rows.append({
+            "claim_id": claim.claim_id, "claim": claim.claim, "published": published_text(claim),
+            "measured": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "rank": m.rank,
+            "rule": rule_text(claim.rule),
+            "verdict": rule_verdict if comparable else "not comparable",
+            "source": claim.source, "caveat": claim.caveat,
+        })
+    return pd.DataFrame(rows)
+
+
+def scorecard(study, claims: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every published claim the study can measure on its model, measured and judged."""
+    claims = load_claims() if claims is None else claims
+    comparable = study.config.model == PAPER_MODEL
+    if not comparable:  # named GPT-2 heads mean nothing in another model
+        claims = claims[claims.scope == "any"]
+    return score(claims, {name: measure(study, name) for name in claims.measure.unique()}, comparable)
+
+
+def tally(card: pd.DataFrame) -> Md:
+    """The verdicts counted, for prose: '9 of 17 claims reproduced, 6 did not, ...'."""
+    counts = card.verdict.value_counts()
+    parts = [f"{counts[v]} {text}" for v, text in (("reproduced", "reproduced"), ("not reproduced", "did not"),
+             ("not measured", "could not be measured"), ("not comparable", "are not comparable")) if v in counts]
+    parts[0] = parts[0].replace(" ", f" of {len(card)} claims ", 1) if parts else "no claims"
+    return Md(", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1])
+
+
+def published_range(claims: pd.DataFrame, claim_id: str) -> Md:
+    """A published range as a percentage span: 57–99%."""
+    row = claims.loc[claim_id]
+    return Md(f"{100 * row.published_low:.0f}–{pct(row.published_high)}")
+
+
+def scorecard_table(card: pd.DataFrame) -> MarkdownTable:
+    """The scorecard as the report prints it."""
+    ours = [_value_text(v) + (f" (rank {r})" if r is not None and not pd.isna(r) else "")
+            for v, r in zip(card.measured, card["rank"])]
+    ci_text = [str(ci(lo, hi)) if not (pd.isna(lo) or pd.isna(hi)) else "" for lo, hi in zip(card.ci_low, card.ci_high)]
+    shown = pd.DataFrame({
+        "Claim": card.claim, "Published": card.published, "Ours": ours, "95% CI": ci_text,
+        "Rule": card.rule, "Verdict": card.verdict,
+    })
+    return MarkdownTable(shown)
