@@ -57,9 +57,21 @@ def dataset_fingerprint(dataset: IOIDataset) -> str:
     return _hash(dataset.prepend_bos, dataset.template_id.tobytes(), *map(_tensor_bytes, parts))
 
 
+# Code that only presents results (charts, prose, the command line) cannot change a cached
+# result, so editing it does not invalidate the cache; everything else does.
+PRESENTATION = ("report", "cli.py", "bench.py", "reproduce.py", "__main__.py")
+
+
+def compute_files() -> list[Path]:
+    """The package's source files that can change a computed result, and the data they read."""
+    files = [f for f in sorted(PACKAGE_DIR.rglob("*.py"))
+             if f.relative_to(PACKAGE_DIR).parts[0] not in PRESENTATION]
+    return files + sorted(DATA_DIR.rglob("*.json"))
+
+
 @functools.lru_cache(maxsize=1)  # once per process: a run is not changed by later edits
 def code_fingerprint() -> str:
-    files = sorted(PACKAGE_DIR.rglob("*.py")) + sorted(DATA_DIR.rglob("*.json"))
+    files = compute_files()
     versions = [version(p) for p in ("torch", "transformers", "transformer-lens")]
     return _hash(*versions, *(f.read_bytes() for f in files))
 
