@@ -92,6 +92,16 @@ def cmd_path(args) -> None:
     emit(PATHS[args.receivers](study_from(args)), args.json)
 
 
+def cmd_claims(args) -> None:
+    """One row per structural claim, with its verdict and the sentence the verdict picked."""
+    from ioi import claims
+    from ioi.report import scorecard
+
+    frame = claims.claims(study_from(args))
+    sentences = [str(s) for s in scorecard.claim_sentences(frame).values()]
+    emit(frame.drop(columns=["text"]).assign(sentence=sentences), args.json)
+
+
 def cmd_reproduce(args) -> None:
     from ioi.reproduce import reproduce
 
@@ -121,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("receivers", choices=sorted(PATHS))
     add_study_arguments(p)
     p.set_defaults(func=cmd_path)
+
+    p = sub.add_parser("claims", help="the paper's structural claims, tested on the model: one row per claim with its verdict")
+    add_study_arguments(p)
+    p.set_defaults(func=cmd_claims)
 
     p = sub.add_parser("reproduce", help="every analysis on one model: tables, figures, summary")
     add_study_arguments(p)

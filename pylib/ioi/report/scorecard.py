@@ -1,11 +1,11 @@
-"""The scorecard: each published claim measured on the study's model and judged by its rule.
+"""The scorecard: the paper's claims measured on the study's model and judged by their rules.
 
-`data/published_claims.csv` holds each published number with the rule that decides whether we
-reproduced it (published value inside our 95% CI, within 20%, same sign and top-k, ...) and the
-name of the measured quantity it maps to. `scorecard(study)` measures each claim, applies its rule
-and returns one row per claim. The GPT-2 small numbers are a reference, not a target, for any
-other model: there the verdict reads "not comparable", and claims about named GPT-2 heads are left
-out because they cannot be measured.
+Two kinds of claim. The structural ones (`ioi.claims`, rules in `data/claims.json`) hold or fail on
+any model; `claims_table` prints them and `claim_sentence` gives the sentence their verdict picked.
+The numeric ones (`data/published_claims.csv`: each published number with the rule that decides
+whether we reproduced it: published value inside our 95% CI, within 20%, same sign and top-k, ...)
+were measured on GPT-2 small and are judged only there: `scorecard(study)` measures each, applies
+its rule and returns one row per claim, and has no rows on any other model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 
 from ioi.dataset import DATA_DIR
 from ioi.report.tables import residual_crossover
-from ioi.report.text import MarkdownTable, Md, ci, fmt, pct
+from ioi.report.text import MarkdownTable, Md, ci, fmt, listing, pct
 
 
 CLAIMS_PATH = DATA_DIR / "published_claims.csv"
@@ -149,9 +149,12 @@ def published_text(claim) -> str:
     return _value_text(claim.published_value)
 
 
-def score(claims: pd.DataFrame, measured: dict, comparable: bool) -> pd.DataFrame:
+SCORE_COLUMNS = ["claim_id", "claim", "published", "measured", "ci_low", "ci_high", "rank", "rule", "verdict", "source", "caveat"]
+
+
+def score(claims: pd.DataFrame, measured: dict) -> pd.DataFrame:
     """One row per claim: published, measured with CI, rule and verdict. `measured` maps the
-    measure name to a `Measured`; without `comparable` every verdict is 'not comparable'."""
+    measure name to a `Measured`."""
     rows = []
     for claim in claims.itertuples(index=False):
         m = measured[claim.measure]
@@ -160,26 +163,26 @@ def score(claims: pd.DataFrame, measured: dict, comparable: bool) -> pd.DataFram
             "claim_id": claim.claim_id, "claim": claim.claim, "published": published_text(claim),
             "measured": m.value, "ci_low": m.ci_low, "ci_high": m.ci_high, "rank": m.rank,
             "rule": rule_text(claim.rule),
-            "verdict": rule_verdict if comparable else "not comparable",
+            "verdict": rule_verdict,
             "source": claim.source, "caveat": claim.caveat,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
 
 
 def scorecard(study, claims: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Every published claim the study can measure on its model, measured and judged."""
+    """Every published number, measured and judged on GPT-2 small; no rows on another model,
+    where GPT-2's numbers are no target (its structural claims are, in `ioi.claims`)."""
     claims = load_claims() if claims is None else claims
-    comparable = study.config.model == PAPER_MODEL
-    if not comparable:  # named GPT-2 heads mean nothing in another model
-        claims = claims[claims.scope == "any"]
-    return score(claims, {name: measure(study, name) for name in claims.measure.unique()}, comparable)
+    if study.config.model != PAPER_MODEL:
+        claims = claims.iloc[:0]
+    return score(claims, {name: measure(study, name) for name in claims.measure.unique()})
 
 
 def tally(card: pd.DataFrame) -> Md:
     """The verdicts counted, for prose: '9 of 17 claims reproduced, 6 did not, ...'."""
     counts = card.verdict.value_counts()
-    parts = [f"{counts[v]} {text}" for v, text in (("reproduced", "reproduced"), ("not reproduced", "did not"),
-             ("not measured", "could not be measured"), ("not comparable", "are not comparable")) if v in counts]
+    parts = [f"{counts[v]} {text}" for v, text in (("reproduced", "reproduced"), ("partly", "partly"),
+             ("not reproduced", "did not"), ("not measured", "could not be measured")) if v in counts]
     parts[0] = parts[0].replace(" ", f" of {len(card)} claims ", 1) if parts else "no claims"
     return Md(", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1])
 
@@ -200,3 +203,48 @@ def scorecard_table(card: pd.DataFrame) -> MarkdownTable:
         "Rule": card.rule, "Verdict": card.verdict,
     })
     return MarkdownTable(shown)
+
+
+# --- Structural claims (`ioi.claims`) -------------------------------------------------------------
+
+
+def _fact_text(value) -> str:
+    """A fact for a claim's sentence: head lists joined, shares as percentages."""
+    if isinstance(value, (list, tuple)):
+        return str(listing(value))
+    if isinstance(value, (float, np.floating)):
+        return str(pct(value))
+    return str(value)
+
+
+def claim_value(row) -> str:
+    """A claim's number as a table cell: a share as a percentage, a depth as a fraction."""
+    if pd.isna(row.value):
+        return "n/a"
+    return str(fmt(row.value)) if row.unit == "depth" else str(pct(row.value))
+
+
+def claim_sentence(row) -> Md:
+    """The sentence the claim's verdict picked, with its facts filled in."""
+    facts = {k: _fact_text(v) for k, v in row.facts.items()}
+    return Md(row.text.format(value=claim_value(row), **facts))
+
+
+def claim_sentences(frame: pd.DataFrame) -> dict[str, Md]:
+    """claim_id -> the sentence its verdict picked, for inline use in the chapters."""
+    return {row.claim_id: claim_sentence(row) for row in frame.itertuples(index=False)}
+
+
+def claims_table(frame: pd.DataFrame) -> MarkdownTable:
+    """The structural claims as the report prints them."""
+    ours = [claim_value(r) + (f" {ci(r.ci_low, r.ci_high, 2) if r.unit == 'depth' else _pct_ci(r)}"
+                              if not (pd.isna(r.ci_low) or pd.isna(r.ci_high)) else "")
+            for r in frame.itertuples(index=False)]
+    return MarkdownTable(pd.DataFrame({
+        "Claim": frame.claim, "GPT-2 small (paper)": frame.paper, "Ours [95% CI]": ours,
+        "Rule": frame.rule, "Verdict": frame.verdict,
+    }))
+
+
+def _pct_ci(row) -> str:
+    return f"[{pct(row.ci_low)}, {pct(row.ci_high)}]"
