@@ -28,7 +28,6 @@ from ioi.analyses import logit_attribution
 from ioi.cache import cached
 from ioi.circuits import criteria
 from ioi.dataset import DATA_DIR
-from ioi.metrics import BOOTSTRAP_RESAMPLES
 
 CLAIMS_PATH = DATA_DIR / "claims.json"
 VERDICTS = ("reproduced", "partly", "not reproduced", "not measured")
@@ -81,28 +80,34 @@ def behaviour(baseline_summary: pd.DataFrame, reproduced_low: float, partly_mean
 
 def direct_writers(
     per_prompt_dla: pd.DataFrame, n_layers: int, top_share: float, min_carried: float, min_late: float,
-    late_depth: float, seed: int = 0,
+    late_depth: float,
 ) -> Finding:
     """The top `top_share` of heads by |mean DLA| carry at least `min_carried` of all heads' |DLA|
-    (judged on the lower 95% limit, prompts resampled), and at least `min_late` of them sit at
+    (judged on the lower limit of a 95% jackknife interval over prompts), and at least `min_late` of them sit at
     relative depth >= `late_depth`. `per_prompt_dla`: prompt_index, layer, head, dla."""
     wide = per_prompt_dla.pivot_table(index="prompt_index", columns=["layer", "head"], values="dla")
     values = wide.to_numpy()  # [prompt, head]
     k = max(1, int(round(top_share * values.shape[1])))
 
-    def carried(rows: Float[np.ndarray, "*resample prompt head"]) -> Float[np.ndarray, "*resample"]:
-        means = np.abs(rows.mean(-2))  # |mean DLA| per head, for each resample
-        top = -np.sort(-means, axis=-1)[..., :k]
-        return np.asarray(top.sum(-1) / means.sum(-1))
+    def carried(means: Float[np.ndarray, "*sample head"]) -> Float[np.ndarray, "*sample"]:
+        size = np.abs(means)
+        top = -np.sort(-size, axis=-1)[..., :k]
+        return np.asarray(top.sum(-1) / size.sum(-1))
 
-    rng = np.random.default_rng(seed)
-    resamples = values[rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))]
-    low, high = np.percentile(carried(resamples), [2.5, 97.5])
+    # A jackknife interval over prompts: resampling with replacement inflates every small head's
+    # |mean| and so biases a share of |means| downward (percentile bootstrap intervals here can
+    # miss the point estimate); leaving one prompt out barely does.
+    n = len(values)
+    leave_one_out = (values.sum(0) - values) / (n - 1)  # [prompt, head]: the means without each prompt
+    point = float(carried(values.mean(0)))
+    jack = carried(leave_one_out)
+    se = float(np.sqrt((n - 1) / n * ((jack - jack.mean()) ** 2).sum()))
+    low, high = point - 1.96 * se, point + 1.96 * se
     order = np.argsort(-np.abs(values.mean(0)))[:k]
     top = pd.DataFrame(list(wide.columns[order]), columns=["layer", "head"])
     late = int((_relative_depth(top.layer, n_layers) >= late_depth).sum())
     verdict = _grade(low >= min_carried, late >= min_late * k)
-    return Finding(verdict, float(carried(values)), float(low), float(high),
+    return Finding(verdict, point, low, high,
                    facts={"k": k, "heads": _labels(top), "late": late})
 
 
@@ -273,7 +278,7 @@ def findings(study, specs: list[dict] | None = None) -> dict[str, Finding]:
     has = lambda cls: bool(_classes(study).get(cls))  # noqa: E731
     gather = {
         "behaviour": lambda t: behaviour(study.baseline_summary(), **t),
-        "direct_writers": lambda t: direct_writers(per_prompt_head_dla(study), n_layers, seed=study.config.seed, **t),
+        "direct_writers": lambda t: direct_writers(per_prompt_head_dla(study), n_layers, **t),
         "name_movers": lambda t: name_movers(dla, scores, **t),
         "negative_name_movers": lambda t: negative_name_movers(dla, scores, logit_diff, **t),
         "s_inhibition": lambda t: s_inhibition(study.path_patching_to_name_movers() if has("name mover") else None, scores, **t),
