@@ -31,3 +31,4 @@ claims = scorecard.load_claims().set_index("claim_id")  # the published numbers 
 published = claims.published_value
 on_paper_model = study.config.model == scorecard.PAPER_MODEL
 alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard
+text.inline_numbers()  # a stray numpy number prints as 142, not np.int64(142)
