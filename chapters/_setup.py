@@ -9,6 +9,10 @@ IOI_N is the number of prompts; IOI_N_PATH and IOI_TOP_HEADS bound the costliest
 
 import os
 
+# Progress bars would reach the notebook as Jupyter widgets, and a page with a widget loads
+# require.js, jQuery and the widget manager from a CDN: no bars in a render.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import altair as alt
 import pandas as pd
 

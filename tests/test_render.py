@@ -119,7 +119,9 @@ def rendered(tmp_path_factory) -> Path:
         [quarto, "render", "--profile", "offline", "--output-dir", str(out)],
         cwd=project, env=env, capture_output=True, text=True, timeout=1800,
     )
-    log = result.stdout[-6000:] + result.stderr[-6000:]
+    log = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout + result.stderr)
+    error = log.find("An error occurred")  # Quarto names the failing cell here
+    log = log[max(0, error - 500): error + 4000] if error >= 0 else log[-6000:]
     assert result.returncode == 0, f"quarto render failed:\n{log}"
     for document in DOCUMENTS:
         for suffix in (".html", ".pdf"):

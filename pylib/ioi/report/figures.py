@@ -29,7 +29,8 @@ from ioi.report import tables
 HTML_FORMATS = {"html", "html4", "html5", "revealjs", "dashboard"}
 
 
-PNG_SCALE = 2  # about 200 dpi at the default chart size: sharp in a PDF, small on disk
+PNG_SCALE = 2  # twice the chart's pixels: sharp in a PDF, small on disk
+PRINT_PPI = 96  # a chart pixel prints as a CSS pixel (1/96 inch): 10 px labels read as 7.5 pt
 
 
 def output_format() -> str:
@@ -70,7 +71,7 @@ def show(chart: alt.TopLevelMixin, static: str = "png"):
     spec = chart.to_dict()
     if static == "svg":
         return Static(vlc.vegalite_to_svg(spec), "image/svg+xml")
-    return Static(vlc.vegalite_to_png(spec, scale=PNG_SCALE), "image/png")
+    return Static(vlc.vegalite_to_png(spec, scale=PNG_SCALE, ppi=PRINT_PPI * PNG_SCALE), "image/png")
 
 
 # --- Offline HTML -------------------------------------------------------------------------------
@@ -375,7 +376,8 @@ def template_chart(sweep: pd.DataFrame):
     panels per model (`sweep` may hold several models' `template_sweep`s). The y axis is
     `robust_domain` over the templates, so one template with a near-zero logit difference (an
     undefined ratio) is drawn clipped and marked rather than flattening the rest."""
-    data = sweep[sweep.level != "difference"].assign(template=sweep.template_id.astype(float))
+    data = sweep[sweep.level != "difference"].reset_index(drop=True)
+    data = data.assign(template=data.template_id.astype(float))
     rows = data[data.level == "template"]
     domain = robust_domain(rows.faithfulness_ci_low, rows.faithfulness_ci_high)
     data = _clip_marked(data, "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high", domain)

@@ -68,7 +68,7 @@ class MarkdownTable:
 
     Column widths: pandoc sizes a pipe table's columns by the dashes of its rule line once any
     line is longer than 72 characters, so the rule gives each column a share that follows its
-    text (the 80th percentile of its cells' lengths, kept between 5 and 60): a column of
+    text (the 80th percentile of its cells' lengths or its header's, kept between 6 and 60, plus 2): a column of
     sentences gets the room it needs instead of one or two words a line."""
 
     def __init__(self, frame: pd.DataFrame, digits: int = 2):
@@ -84,19 +84,25 @@ class MarkdownTable:
     def _widths(self, cells: list[list[str]]) -> list[int]:
         columns = list(zip(*cells)) if cells else [()] * len(self.frame.columns)
         return [
-            int(min(60, max(5, len(str(name)), np.percentile([len(c) for c in col], 80) if col else 0)))
+            int(min(60, max(6, len(str(name)), np.percentile([len(c) for c in col], 80) if col else 0)) + 2)
             for name, col in zip(self.frame.columns, columns)
         ]
 
     def _repr_markdown_(self) -> str:
         cells = [[self._cell(x) for x in row] for row in self.frame.itertuples(index=False)]
         header = "| " + " | ".join(map(str, self.frame.columns)) + " |"
-        rule = "|" + "|".join("-" * w for w in self._widths(cells)) + "|"
+        numeric = [all(_is_number(c) for c in col if c) for col in zip(*cells)] if cells else [False] * len(self.frame.columns)
+        rule = "|" + "|".join(("-" * (w - 1) + ":") if num else (":" + "-" * (w - 1)) for w, num in zip(self._widths(cells), numeric)) + "|"
         rows = ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join([header, rule, *rows])
 
     def __str__(self) -> str:
         return self._repr_markdown_()
+
+
+def _is_number(cell: str) -> bool:
+    """A cell that reads as a number (numbers align right, text left)."""
+    return re.fullmatch(r"[−+-]?[\d,]*\.?\d+%?", cell.strip()) is not None
 
 
 def inline_numbers() -> None:
