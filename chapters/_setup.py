@@ -10,8 +10,11 @@ IOI_N is the number of prompts; IOI_N_PATH and IOI_TOP_HEADS bound the costliest
 import os
 
 # Progress bars would reach the notebook as Jupyter widgets, and a page with a widget loads
-# require.js, jQuery and the widget manager from a CDN: no bars in a render.
+# require.js, jQuery and the widget manager from a CDN: no bars in a render, and none as widgets.
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import tqdm.auto, tqdm.std  # noqa: E401
+tqdm.auto.tqdm = tqdm.std.tqdm  # before any library imports it
 
 import altair as alt
 import pandas as pd

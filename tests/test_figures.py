@@ -142,4 +142,18 @@ def test_attention_in_html_is_interactive(frames, tmp_path, monkeypatch):
     _execute_info(tmp_path, monkeypatch, "html")
     chart = figures.attention_heatmap(frames["patterns"])
     shown = figures.show_attention(frames["patterns"], chart)
-    assert shown is chart or "circuitsvis" in type(shown).__module__ or hasattr(shown, "_repr_html_")
+    if shown is not chart:  # circuitsvis's view, its JavaScript inlined as a raw HTML block
+        markdown = shown._repr_markdown_()
+        assert markdown.startswith("```") and "{=html}" in markdown.splitlines()[0]
+        assert "CircuitsVis.render(" in markdown and "unpkg.com" not in markdown
+
+
+def test_html_charts_carry_the_vega_bundle_once_and_load_nothing(frames, tmp_path, monkeypatch):
+    """In HTML a chart is drawn by the Vega bundle inlined before the first chart: no CDN."""
+    _execute_info(tmp_path, monkeypatch, "html")
+    monkeypatch.setattr(figures, "_bundle_sent", False)
+    first, second = (figures.show(figures.logit_lens(frames["lens"]))._repr_mimebundle_() for _ in range(2))
+    first, second = (b[0] if isinstance(b, tuple) else b for b in (first, second))
+    assert set(first) == {"text/markdown"}  # text/html would make Quarto load require.js from a CDN
+    assert first["text/markdown"].count("window.vegaEmbed=") == 1 and "window.vegaEmbed=" not in second["text/markdown"]
+    assert "vegaEmbed(\"#" in second["text/markdown"] and "cdn.jsdelivr" not in first["text/markdown"]

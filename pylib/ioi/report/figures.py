@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import altair as alt
@@ -29,7 +30,7 @@ from ioi.report import tables
 HTML_FORMATS = {"html", "html4", "html5", "revealjs", "dashboard"}
 
 
-PNG_SCALE = 2  # twice the chart's pixels: sharp in a PDF, small on disk
+PNG_SCALE = 2  # image pixels per chart pixel: sharp in a PDF, small on disk
 PRINT_PPI = 96  # a chart pixel prints as a CSS pixel (1/96 inch): 10 px labels read as 7.5 pt
 
 
@@ -71,7 +72,9 @@ def show(chart: alt.TopLevelMixin, static: str = "png"):
     spec = chart.to_dict()
     if static == "svg":
         return Static(vlc.vegalite_to_svg(spec), "image/svg+xml")
-    return Static(vlc.vegalite_to_png(spec, scale=PNG_SCALE, ppi=PRINT_PPI * PNG_SCALE), "image/png")
+    # vl-convert draws scale * ppi / 72 image pixels per chart pixel and records `ppi` in the
+    # PNG, which Typst reads: the image prints at chart pixels / PRINT_PPI inches
+    return Static(vlc.vegalite_to_png(spec, scale=72 / PRINT_PPI, ppi=PRINT_PPI * PNG_SCALE), "image/png")
 
 
 # --- Offline HTML -------------------------------------------------------------------------------
@@ -96,7 +99,17 @@ def _offline_html(spec: dict, **_) -> dict:
     spec_js = _inline_js(json.dumps(spec))
     html = (f'{bundle}<div id="{div}" class="ioi-vega"></div>\n'
             f'<script>vegaEmbed("#{div}", {spec_js}, {{"actions": false}}).catch(console.error);</script>')
-    return {"text/html": html}
+    return {"text/markdown": raw_html(html)}
+
+
+def raw_html(html: str) -> str:
+    """HTML as a Markdown raw block. Quarto answers any text/html output with require.js and
+    jQuery loaded from a CDN (for notebook widgets that assume them); a raw block in Markdown
+    reaches the page as it is, with nothing added. The fence is longer than any run of
+    backticks in the HTML, so the JavaScript cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", html)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{{=html}}\n{html}\n{fence}"
 
 
 def _inline_js(code: str) -> str:
@@ -108,13 +121,13 @@ alt.renderers.register(OFFLINE_RENDERER, _offline_html)
 
 
 class InlineHTML:
-    """HTML that Jupyter (and so Quarto) inserts as it is."""
+    """HTML that Quarto inserts as it is (as a raw block: see `raw_html`)."""
 
     def __init__(self, html: str):
         self.html = html
 
-    def _repr_html_(self) -> str:
-        return self.html
+    def _repr_markdown_(self) -> str:
+        return raw_html(self.html)
 
 
 def show_attention(patterns: pd.DataFrame, chart: alt.TopLevelMixin):

@@ -215,8 +215,8 @@ def sizes_unavailable(sweep: pd.DataFrame) -> Md | None:
     """One sentence when no size of the sweep could run here, else None."""
     if (sweep.status == "ok").any():
         return None
-    return Md(f"No size asked for ({listing(sweep.model)}) could be loaded here: each {skip_reasons(sweep)}. "
-              "This follow-up runs where the Hugging Face hub can be reached (see the README).")
+    return Md(f"This follow-up, which asks whether the circuit changes with model size, did not run: no size asked for "
+              f"({listing(sweep.model)}) could be loaded here, as each {skip_reasons(sweep)}.")
 
 
 # What the report says about the models a follow-up compares: (name, parameters in millions,
@@ -232,13 +232,14 @@ def extension_unavailable(extension: str, main: str, error: Exception | None = N
     """One sentence when the second-family follow-up cannot run, else None: no model named, the
     main study's own model named (a follow-up never repeats it), or one that cannot be loaded."""
     if not extension:
-        return Md("No second model is named for this profile (IOI_EXTENSION_MODEL), so this follow-up did not run.")
+        return Md("This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  "no second model is named for this profile (IOI_EXTENSION_MODEL).")
     if extension == main:
-        return Md(f"The second model named for this profile, {extension}, is the main study's own, "
-                  "so this follow-up, which must change the family, did not run.")
+        return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  f"the model named for it, {extension}, is the main study's own.")
     if error is not None:
-        return Md(f"The second model named for this profile, {extension}, cannot be loaded here "
-                  f"({str(error).split('. ')[0].rstrip('.')}), so this follow-up did not run.")
+        return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  f"the model named for it, {extension}, cannot be loaded here ({str(error).split('. ')[0].rstrip('.')}).")
     return None
 
 
