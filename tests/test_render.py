@@ -210,3 +210,54 @@ def test_the_reflection_is_titled_for_the_model_it_measured(rendered):
     text = pdf_text(output(rendered, "reflection", ".pdf"))
     head = text[:600]
     assert "GPT-2 small" not in head and "tiny-gpt2" in head
+
+
+# --- The pieces the render relies on (no Quarto needed) -----------------------------------------
+
+
+def test_a_large_circuit_names_only_its_strongest_heads():
+    """More than MAX_LABELLED heads: two names per class (the strongest); a small circuit: all."""
+    import pandas as pd
+
+    from ioi.report import tables
+
+    heads = pd.DataFrame([{"layer": l, "head": h, "class": "induction" if l < 5 else "name mover"}
+                          for l in range(10) for h in range(4)])
+    nodes = tables._place_nodes(heads, 10)
+    nodes = nodes.assign(strength=nodes.layer.astype(float) + nodes["head"] / 10)
+    big = tables._mark_labelled(nodes)
+    assert set(big[big.labelled & (big["class"] != "logits")].id) == {"4.3", "4.2", "9.3", "9.2"}
+    small = tables._mark_labelled(nodes[nodes.layer < 3])
+    assert small.labelled.all()
+    # a crowded (layer, class) cell stays inside its row
+    assert (nodes.groupby("class").y.agg(lambda y: y.max() - y.min()) < 1).all()
+
+
+def test_markdown_tables_size_columns_by_their_text():
+    """The rule line gives the sentence column the most dashes; numbers align right."""
+    import pandas as pd
+
+    from ioi.report.text import MarkdownTable
+
+    table = MarkdownTable(pd.DataFrame({"Claim": ["a claim that takes a whole sentence to state"] * 3, "Ours": [0.5, 1.25, -2.0]}))
+    rule = str(table).splitlines()[1].strip("|").split("|")
+    assert rule[0].startswith(":") and rule[1].endswith(":") and len(rule[0]) > 3 * len(rule[1])
+    assert "−2.00" in str(table)
+
+
+def test_a_section_that_cannot_run_prints_one_sentence_and_hides_its_body():
+    import pandas as pd
+
+    from ioi.report import text
+
+    sweep = pd.DataFrame({"model": ["gpt2-small", "gpt2-medium"], "status": ["skipped"] * 2,
+                          "reason": ["gpt2-small is not in the local Hugging Face cache and the hub cannot be reached. Save it."] * 2})
+    note = text.sizes_unavailable(sweep)
+    assert note.count(". ") == 0 and note.endswith(".")  # one sentence
+    assert text.skip_start(note).rstrip().endswith("::: {.content-hidden}") and text.skip_end(note).strip() == ":::"
+    assert text.skip_start(None) == "" and text.skip_end(None) == ""
+    assert text.sizes_unavailable(sweep.assign(status=["ok", "skipped"])) is None
+    # the second-family follow-up never repeats the main model
+    assert "main study's own" in text.extension_unavailable("smollm2-135m", "smollm2-135m")
+    assert text.extension_unavailable("gemma3-270m", "smollm2-135m") is None
+    assert "2.0×" in text.confounds("smollm2-135m", "gemma3-270m") and "instruction-tuned" in text.confounds("smollm2-135m", "gemma3-270m")
