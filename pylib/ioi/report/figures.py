@@ -169,7 +169,7 @@ def _class_scale(classes) -> alt.Scale:
     return alt.Scale(domain=present, range=[CLASSES[c] for c in present])
 
 
-WIDTH = 300  # one panel; two fit side by side on a page
+WIDTH = 260  # one panel; two (with their legends) fit side by side on an A4 page
 
 
 def _head_label(frame: pd.DataFrame) -> pd.Series:
@@ -405,7 +405,7 @@ def template_chart(sweep: pd.DataFrame):
     bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low_shown:Q"), alt.Y2("faithfulness_ci_high_shown:Q"), color)
     pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
-    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=150)
+    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=130)
     return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
 
 
