@@ -9,6 +9,13 @@ IOI_N is the number of prompts; IOI_N_PATH and IOI_TOP_HEADS bound the costliest
 
 import os
 
+# Progress bars would reach the notebook as Jupyter widgets, and a page with a widget loads
+# require.js, jQuery and the widget manager from a CDN: no bars in a render, and none as widgets.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import tqdm.auto, tqdm.std  # noqa: E401
+tqdm.auto.tqdm = tqdm.std.tqdm  # before any library imports it
+
 import altair as alt
 import pandas as pd
 
@@ -31,3 +38,4 @@ claims = scorecard.load_claims().set_index("claim_id")  # the published numbers 
 published = claims.published_value
 on_paper_model = study.config.model == scorecard.PAPER_MODEL
 alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard
+text.inline_numbers()  # a stray numpy number prints as 142, not np.int64(142)

@@ -142,4 +142,48 @@ def test_attention_in_html_is_interactive(frames, tmp_path, monkeypatch):
     _execute_info(tmp_path, monkeypatch, "html")
     chart = figures.attention_heatmap(frames["patterns"])
     shown = figures.show_attention(frames["patterns"], chart)
-    assert shown is chart or "circuitsvis" in type(shown).__module__ or hasattr(shown, "_repr_html_")
+    if shown is not chart:  # circuitsvis's view, its JavaScript inlined as a raw HTML block
+        markdown = shown._repr_markdown_()
+        assert markdown.startswith("```") and "{=html}" in markdown.splitlines()[0]
+        assert "CircuitsVis.render(" in markdown and "unpkg.com" not in markdown
+
+
+def test_html_charts_carry_the_vega_bundle_once_and_load_nothing(frames, tmp_path, monkeypatch):
+    """In HTML a chart is drawn by the Vega bundle inlined before the first chart: no CDN."""
+    _execute_info(tmp_path, monkeypatch, "html")
+    monkeypatch.setattr(figures, "_bundle_sent", False)
+    first, second = (figures.show(figures.logit_lens(frames["lens"]))._repr_mimebundle_() for _ in range(2))
+    first, second = (b[0] if isinstance(b, tuple) else b for b in (first, second))
+    assert set(first) == {"text/markdown"}  # text/html would make Quarto load require.js from a CDN
+    assert first["text/markdown"].count("window.vegaEmbed=") == 1 and "window.vegaEmbed=" not in second["text/markdown"]
+    assert "vegaEmbed(\"#" in second["text/markdown"] and "cdn.jsdelivr" not in first["text/markdown"]
+
+
+def test_one_degenerate_template_cannot_set_the_faithfulness_axis():
+    """29 templates near 1 and one with an interval of [-6.5, 7.6] (a logit difference near 0):
+    the axis follows the 29, and the outlier is drawn clipped at the edge and marked."""
+    rng = np.random.default_rng(0)
+    rows = [{"template_id": t, "order": "ABBA" if t % 2 else "BABA", "n": 20, "faithfulness": f,
+             "faithfulness_ci_low": f - 0.2, "faithfulness_ci_high": f + 0.2}
+            for t, f in enumerate(rng.normal(0.9, 0.1, 29))]
+    rows.append({"template_id": 29, "order": "ABBA", "n": 20, "faithfulness": 0.5,
+                 "faithfulness_ci_low": -6.5, "faithfulness_ci_high": 7.6})
+    table = pd.DataFrame(rows)
+    low, high = figures.robust_domain(table.faithfulness_ci_low, table.faithfulness_ci_high)
+    assert -1 < low <= 0 and 1 <= high < 2
+    spec = figures.faithfulness_by_template(table).to_dict()
+    data = pd.DataFrame(next(iter(spec["datasets"].values())))
+    clipped = data[data.shown.str.contains("clipped")]
+    assert clipped.template_id.tolist() == [29]
+    assert clipped.faithfulness_ci_low_shown.iloc[0] == low and clipped.faithfulness_ci_high_shown.iloc[0] == high
+
+
+def test_path_patching_panels_span_every_layer():
+    """A receiver's senders sit below it, but its panel still shows all of the model's layers."""
+    paths = pd.concat([
+        grid("relative_change", receiver="logits"),
+        grid("relative_change", receiver="S-inhibition").query("layer < 1"),
+    ])
+    spec = figures.path_patching_heatmaps(paths).to_dict()
+    assert spec["spec"]["encoding"]["y"]["scale"]["domain"] == list(range(LAYERS))
+    assert "resolve" not in spec or "y" not in spec["resolve"].get("scale", {})

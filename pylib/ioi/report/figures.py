@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import altair as alt
@@ -29,7 +30,8 @@ from ioi.report import tables
 HTML_FORMATS = {"html", "html4", "html5", "revealjs", "dashboard"}
 
 
-PNG_SCALE = 2  # about 200 dpi at the default chart size: sharp in a PDF, small on disk
+PNG_SCALE = 2  # image pixels per chart pixel: sharp in a PDF, small on disk
+PRINT_PPI = 96  # a chart pixel prints as a CSS pixel (1/96 inch): 10 px labels read as 7.5 pt
 
 
 def output_format() -> str:
@@ -60,19 +62,78 @@ class Static:
 
 
 def show(chart: alt.TopLevelMixin, static: str = "png"):
-    """The chart itself in HTML (interactive); a PNG (or SVG) of it anywhere else."""
+    """The chart itself in HTML (interactive, drawn by the Vega bundle inlined in the page, so it
+    needs no network); a PNG (or SVG) of it anywhere else."""
     if is_html():
+        alt.renderers.enable(OFFLINE_RENDERER)
         return chart
     import vl_convert as vlc
 
     spec = chart.to_dict()
     if static == "svg":
         return Static(vlc.vegalite_to_svg(spec), "image/svg+xml")
-    return Static(vlc.vegalite_to_png(spec, scale=PNG_SCALE), "image/png")
+    # vl-convert draws scale * ppi / 72 image pixels per chart pixel and records `ppi` in the
+    # PNG, which Typst reads: the image prints at chart pixels / PRINT_PPI inches
+    return Static(vlc.vegalite_to_png(spec, scale=72 / PRINT_PPI, ppi=PRINT_PPI * PNG_SCALE), "image/png")
+
+
+# --- Offline HTML -------------------------------------------------------------------------------
+# altair's own HTML renderers load Vega, Vega-Lite and Vega-Embed from a CDN, so an offline
+# reader of the HTML would see no charts. vl-convert ships the three libraries as one bundle
+# (`javascript_bundle`, which sets window.vegaEmbed); the first chart of a document carries it
+# inline, and every chart after it only calls vegaEmbed on its own spec.
+
+OFFLINE_RENDERER = "ioi-offline"
+_bundle_sent = False  # one kernel renders one document (execute.daemon is off in _quarto.yml)
+
+
+def _offline_html(spec: dict, **_) -> dict:
+    global _bundle_sent
+    import uuid
+
+    import vl_convert as vlc
+
+    div = f"vis-{uuid.uuid4().hex[:12]}"
+    bundle = "" if _bundle_sent else f"<script>{_inline_js(vlc.javascript_bundle())}</script>\n"
+    _bundle_sent = True
+    spec_js = _inline_js(json.dumps(spec))
+    html = (f'{bundle}<div id="{div}" class="ioi-vega"></div>\n'
+            f'<script>vegaEmbed("#{div}", {spec_js}, {{"actions": false}}).catch(console.error);</script>')
+    return {"text/markdown": raw_html(html)}
+
+
+def raw_html(html: str) -> str:
+    """HTML as a Markdown raw block. Quarto answers any text/html output with require.js and
+    jQuery loaded from a CDN (for notebook widgets that assume them); a raw block in Markdown
+    reaches the page as it is, with nothing added. The fence is longer than any run of
+    backticks in the HTML, so the JavaScript cannot close it."""
+    longest = max((len(run) for run in re.findall(r"`+", html)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{{=html}}\n{html}\n{fence}"
+
+
+def _inline_js(code: str) -> str:
+    """JavaScript safe inside an HTML <script>: a literal "</script" would end it early."""
+    return code.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+
+
+alt.renderers.register(OFFLINE_RENDERER, _offline_html)
+
+
+class InlineHTML:
+    """HTML that Quarto inserts as it is (as a raw block: see `raw_html`)."""
+
+    def __init__(self, html: str):
+        self.html = html
+
+    def _repr_markdown_(self) -> str:
+        return raw_html(self.html)
 
 
 def show_attention(patterns: pd.DataFrame, chart: alt.TopLevelMixin):
-    """circuitsvis's interactive patterns in HTML when it is installed; else `chart`, static."""
+    """circuitsvis's interactive patterns in HTML when it is installed, with its JavaScript
+    inlined (circuitsvis itself would import it from unpkg.com whenever the machine is online);
+    else `chart`, static."""
     if is_html():
         try:
             import circuitsvis as cv
@@ -83,10 +144,11 @@ def show_attention(patterns: pd.DataFrame, chart: alt.TopLevelMixin):
             p.pivot(index="query_pos", columns="key_pos", values="attention").fillna(0.0).to_numpy()
             for _, p in patterns.groupby("head", sort=False)
         ]
-        return cv.attention.attention_heads(
+        rendered = cv.attention.attention_heads(
             attention=np.stack(stack), tokens=tokens.tolist(),
             attention_head_names=list(dict.fromkeys(patterns["head"])),
         )
+        return InlineHTML(rendered.local_src)
     return show(chart)
 
 
@@ -107,7 +169,7 @@ def _class_scale(classes) -> alt.Scale:
     return alt.Scale(domain=present, range=[CLASSES[c] for c in present])
 
 
-WIDTH = 300  # one panel; two fit side by side on a page
+WIDTH = 260  # one panel; two (with their legends) fit side by side on an A4 page
 
 
 def _head_label(frame: pd.DataFrame) -> pd.Series:
@@ -180,17 +242,22 @@ def baseline_distribution(per_prompt: pd.DataFrame) -> alt.Chart:
     ).properties(width=WIDTH, height=WIDTH * 0.6)
 
 
-def path_patching_heatmaps(paths: pd.DataFrame) -> alt.FacetChart:
+def path_patching_heatmaps(paths: pd.DataFrame, n_layers: int | None = None) -> alt.FacetChart:
     """Path patching (`ioi.report.tables.path_patching`): one heatmap per receiver, coloured by the
-    change in logit difference relative to clean (negative: the path carries the signal)."""
+    change in logit difference relative to clean (negative: the path carries the signal).
+    Every panel spans all `n_layers` layers (default: those of the logits step, which sends from
+    every head), so a receiver's senders, which sit below it, are seen at their depth."""
+    n_layers = int(paths.layer.max()) + 1 if n_layers is None else n_layers
+    height = max(WIDTH * 0.6, 7 * n_layers)  # a readable row per layer for deep models
     return alt.Chart(paths.assign(name=_head_label(paths))).mark_rect().encode(
         x=alt.X("head:O", axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("layer:O"),
+        y=alt.Y("layer:O", scale=alt.Scale(domain=list(range(n_layers))),
+                axis=alt.Axis(values=list(range(0, n_layers, 1 if n_layers <= 12 else 2)))),
         color=alt.Color("relative_change:Q", scale=DIVERGING, title="Δ logit diff / clean"),
         tooltip=["receiver:N", "name:N", alt.Tooltip("relative_change:Q", format=".3f")],
-    ).properties(width=WIDTH * 0.6, height=WIDTH * 0.6).facet(
+    ).properties(width=WIDTH * 0.6, height=height).facet(
         column=alt.Column("receiver:N", title="receiver", sort=["logits", "name movers", "S-inhibition"])
-    ).resolve_scale(y="independent")
+    )
 
 
 def attention_heatmap(patterns: pd.DataFrame) -> alt.FacetChart:
@@ -218,23 +285,28 @@ def scores_strip(scores: pd.DataFrame) -> alt.Chart:
 
 def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame) -> alt.LayerChart:
     """The circuit as measured (`ioi.report.tables.circuit_graph`): heads at (layer, class), edges
-    from path patching with width by the share of the logit difference they carry."""
+    from path patching with width by the share of the logit difference they carry. Only the
+    `labelled` heads are named (all of a small circuit; the strongest of each class of a large
+    one), so that names never overprint one another."""
     rows = nodes[nodes["class"] != "logits"].drop_duplicates("class")
+    crowded = (nodes["class"] != "logits").sum() > 30
+    labelled = nodes[nodes["labelled"]] if "labelled" in nodes else nodes
     y_axis = alt.Axis(values=rows.row.tolist(), labelExpr=_label_expr(rows), title=None, grid=False)
-    lines = alt.Chart(edges).mark_rule(opacity=0.6).encode(
+    lines = alt.Chart(edges).mark_rule(opacity=0.35 if crowded else 0.6).encode(
         x=alt.X("x:Q", title="layer", scale=alt.Scale(domain=[-0.5, nodes.x.max() + 0.8], nice=False), axis=alt.Axis(tickMinStep=1, format="d")),
         y=alt.Y("y:Q", axis=y_axis, scale=alt.Scale(domain=[nodes.y.min() - 0.5, nodes.y.max() + 0.5])),
         x2="x2:Q", y2="y2:Q",
-        strokeWidth=alt.StrokeWidth("size:Q", title="|effect|", scale=alt.Scale(range=[0.5, 6])),
+        strokeWidth=alt.StrokeWidth("size:Q", title="|effect|", scale=alt.Scale(range=[0.5, 5])),
         color=alt.Color("sign:N", scale=alt.Scale(domain=["helps IO", "hurts IO"], range=["#2166ac", "#b2182b"]), title="path"),
         tooltip=["source:N", "target:N", "receiver:N", alt.Tooltip("strength:Q", format=".3f")],
     )
-    points = alt.Chart(nodes).mark_circle(size=140, opacity=1).encode(
+    points = alt.Chart(nodes).mark_circle(size=50 if crowded else 140, opacity=1).encode(
         x="x:Q", y="y:Q", fill=alt.Fill("class:N", scale=_class_scale(nodes["class"]), title="class"),
         tooltip=["id:N", "class:N"],
     )
-    labels = alt.Chart(nodes).mark_text(dx=9, align="left", fontSize=9).encode(x="x:Q", y="y:Q", text="id:N")
-    return (lines + points + labels).properties(width=WIDTH * 1.8, height=WIDTH).resolve_scale(color="independent")
+    labels = alt.Chart(labelled).mark_text(dx=7, dy=-6, align="left", fontSize=10, fontWeight="bold" if crowded else "normal").encode(
+        x="x:Q", y="y:Q", text="id:N")
+    return (lines + points + labels).properties(width=WIDTH * 1.8, height=WIDTH * 0.9).resolve_scale(color="independent")
 
 
 def _label_expr(rows: pd.DataFrame) -> str:
@@ -243,14 +315,45 @@ def _label_expr(rows: pd.DataFrame) -> str:
     return f"{cases} : ''" if cases else "''"
 
 
+def robust_domain(low: pd.Series, high: pd.Series, keep: tuple[float, float] = (0.0, 1.0)) -> list[float]:
+    """An axis range that one degenerate row cannot stretch: from the 10th percentile of the
+    interval lows to the 90th of the highs (so up to a tenth of the rows on each side may fall
+    outside it), always including `keep` (0 = no effect, 1 = all of it), with a 10% margin."""
+    lo = min(keep[0], float(np.nanquantile(low, 0.1))) if low.notna().any() else keep[0]
+    hi = max(keep[1], float(np.nanquantile(high, 0.9))) if high.notna().any() else keep[1]
+    pad = 0.1 * (hi - lo)
+    return [lo - pad, hi + pad]
+
+
+def _clip_marked(frame: pd.DataFrame, value: str, low: str, high: str, domain: list[float]) -> pd.DataFrame:
+    """Intervals cut at the axis range, and a `shown` column that says which were cut, so a
+    clipped template is drawn (as a triangle at the edge), not hidden and not setting the scale."""
+    lo, hi = domain
+    cut = (frame[low] < lo) | (frame[high] > hi) | (frame[value] < lo) | (frame[value] > hi)
+    return frame.assign(
+        shown=np.where(cut, "interval beyond the axis (clipped)", "interval within the axis"),
+        **{f"{c}_shown": frame[c].clip(lo, hi) for c in (value, low, high)},
+    )
+
+
+SHOWN_SHAPES = alt.Scale(domain=["interval within the axis", "interval beyond the axis (clipped)"], range=["circle", "triangle-up"])
+
+
 def faithfulness_by_template(table: pd.DataFrame) -> alt.LayerChart:
-    """Per-template faithfulness F(C)/F(M) with its CI (`Study.faithfulness_by_template`)."""
-    base = alt.Chart(table, title="Faithfulness per template").encode(
+    """Per-template faithfulness F(C)/F(M) with its CI (`Study.faithfulness_by_template`); the
+    axis is `robust_domain`, and a template whose interval runs past it is clipped and marked."""
+    domain = robust_domain(table.faithfulness_ci_low, table.faithfulness_ci_high)
+    data = _clip_marked(table, "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high", domain)
+    x_scale = alt.Scale(domain=domain, nice=False)
+    base = alt.Chart(data, title="Faithfulness per template").encode(
         y=alt.Y("template_id:O", title="template"), color=alt.Color("order:N", title="names")
     )
-    bars = base.mark_rule().encode(x=alt.X("faithfulness_ci_low:Q", title="F(C) / F(M)"), x2="faithfulness_ci_high:Q")
+    bars = base.mark_rule().encode(
+        x=alt.X("faithfulness_ci_low_shown:Q", title="F(C) / F(M)", scale=x_scale), x2="faithfulness_ci_high_shown:Q")
     points = base.mark_point(filled=True, size=60).encode(
-        x="faithfulness:Q", tooltip=["template_id:O", "order:N", "n:Q", alt.Tooltip("faithfulness:Q", format=".2f")]
+        x="faithfulness_shown:Q", shape=alt.Shape("shown:N", scale=SHOWN_SHAPES, title=None),
+        tooltip=["template_id:O", "order:N", "n:Q", alt.Tooltip("faithfulness:Q", format=".2f"),
+                 alt.Tooltip("faithfulness_ci_low:Q", format=".2f"), alt.Tooltip("faithfulness_ci_high:Q", format=".2f")],
     )
     one = alt.Chart(pd.DataFrame({"x": [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="x:Q")
     return (bars + points + one).properties(width=WIDTH, height=WIDTH * 0.8)
@@ -283,17 +386,26 @@ def size_chart(sweep: pd.DataFrame):
 def template_chart(sweep: pd.DataFrame):
     """Faithfulness per template (x) with 95% CIs, coloured by name order; the pooled mean of
     each order as a dotted rule, full faithfulness (1) as a grey dashed rule; one row of
-    panels per model (`sweep` may hold several models' `template_sweep`s)."""
-    data = sweep[sweep.level != "difference"].assign(template=sweep.template_id.astype(float))
+    panels per model (`sweep` may hold several models' `template_sweep`s). The y axis is
+    `robust_domain` over the templates, so one template with a near-zero logit difference (an
+    undefined ratio) is drawn clipped and marked rather than flattening the rest."""
+    data = sweep[sweep.level != "difference"].reset_index(drop=True)
+    data = data.assign(template=data.template_id.astype(float))
+    rows = data[data.level == "template"]
+    domain = robust_domain(rows.faithfulness_ci_low, rows.faithfulness_ci_high)
+    data = _clip_marked(data, "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high", domain)
     x = alt.X("template:O", title="template id (2k: BABA, 2k+1: its ABBA version)")
-    y = alt.Y("faithfulness:Q", title="faithfulness F(C)/F(M)")
+    y = alt.Y("faithfulness_shown:Q", title="faithfulness F(C)/F(M)", scale=alt.Scale(domain=domain, nice=False))
     color = alt.Color("order:N", title="name order")
     per_template = alt.Chart().transform_filter(alt.datum.level == "template")
-    points = per_template.mark_point(filled=True).encode(x, y, color)
-    bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low:Q"), alt.Y2("faithfulness_ci_high:Q"), color)
+    points = per_template.mark_point(filled=True).encode(
+        x, y, color, shape=alt.Shape("shown:N", scale=SHOWN_SHAPES, title=None),
+        tooltip=["template:O", "order:N", alt.Tooltip("faithfulness:Q", format=".2f"),
+                 alt.Tooltip("faithfulness_ci_low:Q", format=".2f"), alt.Tooltip("faithfulness_ci_high:Q", format=".2f")])
+    bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low_shown:Q"), alt.Y2("faithfulness_ci_high_shown:Q"), color)
     pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
-    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=180)
+    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=130)
     return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
 
 

@@ -39,19 +39,29 @@ def path_patching(study) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def circuit_graph(study, min_effect: float = 0.02) -> tuple[pd.DataFrame, pd.DataFrame]:
+MAX_LABELLED = 30  # a diagram with more heads than this names only the strongest of each class
+
+
+def circuit_graph(study, min_effect: float = 0.02, max_senders: int | None = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Nodes (circuit heads and the logits, placed by layer and class) and edges measured by
     path patching, with strength = the share of the logit difference the path carries.
 
     A path-patching sweep measures a sender against a whole receiving class at once, so an
     edge is drawn from the sender to each head of that class, all with the same strength.
-    Edges weaker than `min_effect` are dropped to keep the diagram readable."""
+    Edges weaker than `min_effect`, and senders beyond the `max_senders` strongest of each
+    step, are dropped to keep the diagram readable. A node's `strength` is its strongest path;
+    `labelled` marks the heads worth naming: all of them in a small circuit, else the two
+    strongest of each class (every head is listed by `circuit_heads`)."""
     circuit = study.circuit()
     nodes = _place_nodes(circuit.to_frame(), study.model.cfg.n_layers)
     sweeps = path_patching(study)
     sweeps = sweeps.assign(source=sweeps.layer.astype(str) + "." + sweeps["head"].astype(str))
     sweeps = sweeps.assign(strength=-sweeps.relative_change)  # patching a path that helps lowers the logit difference
-    sweeps = sweeps[sweeps.source.isin(nodes.id) & (sweeps.strength.abs() >= min_effect)]
+    sweeps = sweeps[sweeps.source.isin(nodes.id)].assign(size=lambda f: f.strength.abs())
+    nodes = _mark_labelled(nodes.assign(strength=nodes.id.map(sweeps.groupby("source")["size"].max()).fillna(0.0)))
+    sweeps = sweeps[sweeps["size"] >= min_effect].sort_values("size", ascending=False)
+    if max_senders is not None:
+        sweeps = sweeps.groupby("receiver", sort=False).head(max_senders)
     targets = {step: ["logits"] if cls is None else nodes.id[nodes["class"] == cls].tolist()
                for step, (_, cls, _, _) in PATH_STEPS.items()}
     edges = [
@@ -64,6 +74,27 @@ def circuit_graph(study, min_effect: float = 0.02) -> tuple[pd.DataFrame, pd.Dat
     return nodes, edges.assign(sign=np.where(edges.strength >= 0, "helps IO", "hurts IO"), size=edges.strength.abs())
 
 
+def _mark_labelled(nodes: pd.DataFrame, per_class: int = 2) -> pd.DataFrame:
+    heads = nodes[nodes["class"] != "logits"]
+    if len(heads) <= MAX_LABELLED:
+        return nodes.assign(labelled=True)
+    top = heads.sort_values(["strength", "layer"], ascending=[False, False]).groupby("class").head(per_class).id
+    return nodes.assign(labelled=nodes.id.isin(top) | (nodes["class"] == "logits"))
+
+
+def circuit_heads(study) -> pd.DataFrame:
+    """The circuit's heads, one row per class: how many, and every one of them by layer (the
+    complete list, for when the diagram names only the strongest)."""
+    frame = study.circuit().to_frame().sort_values(["layer", "head"])
+    order = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
+    rows = []
+    for c in order:
+        members = frame[frame["class"] == c]
+        rows.append({"class": c, "heads": len(members),
+                     "layer.head": ", ".join(f"{l}.{h}" for l, h in zip(members.layer, members["head"]))})
+    return pd.DataFrame(rows, columns=["class", "heads", "layer.head"])
+
+
 def _place_nodes(frame: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     """x = layer, y = class row; heads of one class in one layer are stacked a little apart."""
     order = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
@@ -73,7 +104,7 @@ def _place_nodes(frame: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     nodes = frame.assign(
         id=frame.layer.astype(str) + "." + frame["head"].astype(str),
         x=frame.layer.astype(float),
-        y=frame.row + (slot - (width - 1) / 2) * 0.22,
+        y=frame.row + (slot - (width - 1) / 2) * np.minimum(0.22, 0.8 / width),  # a crowded cell stays in its row
     )
     logits = {"id": "logits", "class": "logits", "layer": n_layers, "head": -1, "x": float(n_layers),
               "y": (len(order) - 1) / 2, "row": -1}
@@ -136,3 +167,37 @@ def order_summary(sweep: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]
     """The pooled ABBA row, the pooled BABA row and their difference, from `template_sweep`."""
     at = sweep[sweep.level != "template"].set_index("order")
     return at.loc["ABBA"], at.loc["BABA"], at.loc["ABBA-BABA"]
+
+
+def second_study(model: str, main, n: int, n_path: int) -> tuple[object | None, Exception | None]:
+    """The Study of a follow-up's second model, or (None, why not): a follow-up never repeats
+    the main study's model, and a model that is unknown or cannot be loaded here is reported,
+    not raised, so the section can say so in a sentence."""
+    from ioi.models import ModelUnavailableError
+    from ioi.study import Study, StudyConfig
+
+    if not model or model == main.config.model:
+        return None, None
+    try:
+        return Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path))), None
+    except (ModelUnavailableError, ValueError) as error:
+        return None, error
+
+
+def completeness_table(frame: pd.DataFrame, max_listed: int = 6) -> pd.DataFrame:
+    """`Study.completeness` for print: a subset K of more than `max_listed` heads is given by
+    its size (a random half of a large circuit would fill half a page), the rest by name."""
+    sizes = frame.K.fillna("").str.split().str.len()
+    shown = np.where(sizes > max_listed, sizes.astype(str) + " heads", frame.K.fillna(""))
+    return frame.assign(K=shown)[["subset", "K", "F_C_minus_K", "F_M_minus_K", "incompleteness"]]
+
+
+def minimality_table(frame: pd.DataFrame, k: int = 5) -> pd.DataFrame:
+    """`Study.minimality` for print: every head of a small circuit; of a large one, the `k`
+    heads whose removal changes F(C) most and the `k` that change it least (the heads that
+    matter for the verdict), ordered by that change. `ioi reproduce` writes every row."""
+    frame = frame.sort_values("relative_change", ascending=False)
+    if len(frame) > 2 * k + 2:
+        frame = pd.concat([frame.head(k), frame.tail(k)])
+    frame = frame.assign(head=frame.layer.astype(str) + "." + frame["head"].astype(str))
+    return frame[["head", "class", "K", "F_before", "F_after", "relative_change"]]

@@ -64,24 +64,59 @@ def class_sizes(circuit) -> Md:
 
 
 class MarkdownTable:
-    """A DataFrame as a pipe table, so that Quarto numbers and captions it in every format."""
+    """A DataFrame as a pipe table, so that Quarto numbers and captions it in every format.
+
+    Column widths: pandoc sizes a pipe table's columns by the dashes of its rule line once any
+    line is longer than 72 characters, so the rule gives each column a share that follows its
+    text (the 80th percentile of its cells' lengths or its header's, kept between 6 and 60, plus 2): a column of
+    sentences gets the room it needs instead of one or two words a line."""
 
     def __init__(self, frame: pd.DataFrame, digits: int = 2):
         self.frame, self.digits = frame, digits
 
     def _cell(self, x) -> str:
-        if isinstance(x, float):
-            return "" if math.isnan(x) else str(fmt(x, self.digits))
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return ""
+        if isinstance(x, (float, np.floating, np.integer)):
+            return str(fmt(x.item() if isinstance(x, np.generic) else x, self.digits))
         return str(x).replace("|", "\\|")
 
+    def _widths(self, cells: list[list[str]]) -> list[int]:
+        columns = list(zip(*cells)) if cells else [()] * len(self.frame.columns)
+        return [
+            int(min(60, max(6, len(str(name)), np.percentile([len(c) for c in col], 80) if col else 0)) + 2)
+            for name, col in zip(self.frame.columns, columns)
+        ]
+
     def _repr_markdown_(self) -> str:
+        cells = [[self._cell(x) for x in row] for row in self.frame.itertuples(index=False)]
         header = "| " + " | ".join(map(str, self.frame.columns)) + " |"
-        rule = "|" + "|".join("---" for _ in self.frame.columns) + "|"
-        rows = ["| " + " | ".join(self._cell(x) for x in row) + " |" for row in self.frame.itertuples(index=False)]
+        numeric = [all(_is_number(c) for c in col if c) for col in zip(*cells)] if cells else [False] * len(self.frame.columns)
+        rule = "|" + "|".join(("-" * (w - 1) + ":") if num else (":" + "-" * (w - 1)) for w, num in zip(self._widths(cells), numeric)) + "|"
+        rows = ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join([header, rule, *rows])
 
     def __str__(self) -> str:
         return self._repr_markdown_()
+
+
+def _is_number(cell: str) -> bool:
+    """A cell that reads as a number (numbers align right, text left)."""
+    return re.fullmatch(r"[−+-]?[\d,]*\.?\d+%?", cell.strip()) is not None
+
+
+def inline_numbers() -> None:
+    """In a Quarto render, print a bare numpy number in prose as `fmt` would (142, 0.87), not as
+    its repr (np.int64(142)): a safety net under the chapters' own formatting."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    plain = shell.display_formatter.formatters["text/plain"]
+    plain.for_type(np.generic, lambda x, printer, cycle: printer.text(str(fmt(x.item()))))
 
 
 def strongest_senders(paths: pd.DataFrame, k: int = 3) -> dict:
@@ -160,3 +195,103 @@ def best_heads(scores: pd.DataFrame, score: str):
     """The top heads for one score of `top_heads_by_score`: '5.5 (0.41, depth 0.45)'."""
     frame = scores[scores.score == score]
     return listing([f"{r.layer}.{r.head} ({_num(r.value)}, depth {_num(r.relative_depth)})" for r in frame.itertuples()])
+
+
+# --- Sections that cannot run on a profile's model -------------------------------------------------
+# A follow-up whose models cannot be loaded here prints one sentence instead of its body: a cell
+# with `output: asis` prints `skip_start(note)` (the sentence, then the opening of a hidden
+# block) before the body and `skip_end(note)` after it; with `note` None both print nothing.
+
+
+def skip_start(note: str | None) -> Md:
+    return Md("" if note is None else f"{note}\n\n::: {{.content-hidden}}\n")
+
+
+def skip_end(note: str | None) -> Md:
+    return Md("" if note is None else "\n:::\n")
+
+
+def sizes_unavailable(sweep: pd.DataFrame) -> Md | None:
+    """One sentence when no size of the sweep could run here, else None."""
+    if (sweep.status == "ok").any():
+        return None
+    return Md(f"This follow-up, which asks whether the circuit changes with model size, did not run: no size asked for "
+              f"({listing(sweep.model)}) could be loaded here, as each {skip_reasons(sweep)}.")
+
+
+# What the report says about the models a follow-up compares: (name, parameters in millions,
+# training, weights as loaded). Keyed by `ioi.models` name; a local directory has no entry.
+MODEL_FACTS = {
+    "gpt2-small": ("GPT-2 small", 124, "base", "full precision"),
+    "smollm2-135m": ("SmolLM2-135M-Instruct", 135, "instruction-tuned", "4-bit Q4_1"),
+    "gemma3-270m": ("Gemma 3 270M", 270, "base", "4-bit Q4_K_M"),
+}
+
+
+def extension_unavailable(extension: str, main: str, error: Exception | None = None) -> Md | None:
+    """One sentence when the second-family follow-up cannot run, else None: no model named, the
+    main study's own model named (a follow-up never repeats it), or one that cannot be loaded."""
+    if not extension:
+        return Md("This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  "no second model is named for this profile (IOI_EXTENSION_MODEL).")
+    if extension == main:
+        return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  f"the model named for it, {extension}, is the main study's own.")
+    if error is not None:
+        return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
+                  f"the model named for it, {extension}, cannot be loaded here ({str(error).split('. ')[0].rstrip('.')}).")
+    return None
+
+
+def model_name(model: str) -> Md:
+    return Md(MODEL_FACTS.get(model, (model or "n/a",))[0])
+
+
+def confounds(main: str, other: str) -> Md:
+    """What else, besides the family, differs between two models, as a sentence."""
+    if main not in MODEL_FACTS or other not in MODEL_FACTS:
+        return Md("Beside the family, the two models may differ in size, training and precision, "
+                  "so a difference between them cannot be put down to the family alone.")
+    (a, size_a, tune_a, prec_a), (b, size_b, tune_b, prec_b) = MODEL_FACTS[main], MODEL_FACTS[other]
+    ratio = max(size_a, size_b) / min(size_a, size_b)
+    diffs = [f"size ({size_b}M against {size_a}M parameters, {ratio:.1f}×)" if ratio >= 1.2 else None,
+             f"training ({tune_b} against {tune_a})" if tune_a != tune_b else None,
+             f"weights ({prec_b} against {prec_a})" if prec_a != prec_b else None]
+    diffs = [d for d in diffs if d]
+    noise = (" Quantised weights carry rounding noise that can blur small head effects, so a missing class"
+             " is weaker evidence than a present one." if "4-bit" in prec_a + prec_b else "")
+    if not diffs:
+        return Md(f"{b} and {a} differ in family but match in size, training and precision.{noise}")
+    return Md(f"Beside the family, {b} differs from {a} in {listing(diffs)}, so a difference between "
+              f"them cannot be put down to the family alone, and a shared class is the stronger finding.{noise}")
+
+
+def family_phrases(ext=None, ext_study=None, classes=None, scores=None, templates=None, model: str = "") -> dict:
+    """Every number the second-family follow-up prints, as phrases; with no results (the
+    section is hidden because its model cannot run) each phrase reads "n/a"."""
+    from collections import defaultdict
+
+    from ioi.report.tables import order_summary
+
+    phrases = defaultdict(lambda: Md("n/a"))
+    if ext is None:
+        return phrases
+    diff = order_summary(templates)[2]
+    phrases.update(
+        shape=Md(f"{ext_study.model.cfg.n_layers} layers of {ext_study.model.cfg.n_heads} heads"),
+        logit_diff=ci_text(ext.logit_diff_mean, ext.logit_diff_ci_low, ext.logit_diff_ci_high),
+        circuit_size=fmt(int(ext.circuit_size)),
+        circuit_share=pct(float(ext.circuit_share_of_heads)),
+        circuit_faithfulness=ci_text(ext.circuit_faithfulness, ext.circuit_faithfulness_ci_low, ext.circuit_faithfulness_ci_high, percent=True),
+        found_classes=class_text(classes, model + " (found)"),
+        paper_classes=class_text(classes, "gpt2-small (Wang et al.)"),
+        n_name_movers=fmt(len(ext.name_movers)),
+        name_movers=listing(ext.name_movers),
+        n_negative=fmt(len(ext.negative_name_movers)),
+        senders=listing(ext.s_inhibition_senders),
+        sender_effect=pct(float(ext.s_inhibition_to_nm_effect)),
+        induction=best_heads(scores, "induction"),
+        duplicate=best_heads(scores, "duplicate_token"),
+        order_difference=ci_text(diff.faithfulness, diff.faithfulness_ci_low, diff.faithfulness_ci_high),
+    )
+    return phrases
