@@ -303,7 +303,7 @@ def claims(study, specs: list[dict] | None = None) -> pd.DataFrame:
     for spec in specs:
         f = found[spec["id"]]
         rows.append({
-            "claim_id": spec["id"], "claim": spec["claim"], "paper": spec["paper"],
+            "claim_id": spec["id"], "short": spec["short"], "claim": spec["claim"], "paper": spec["paper"],
             "rule": spec["rule"].format(**spec["thresholds"]),
             "value": f.value, "ci_low": f.ci_low, "ci_high": f.ci_high, "unit": f.unit,
             "verdict": f.verdict, "facts": {**spec["thresholds"], **f.facts}, "text": spec["text"][f.verdict],

@@ -183,7 +183,9 @@ def tally(card: pd.DataFrame) -> Md:
     counts = card.verdict.value_counts()
     parts = [f"{counts[v]} {text}" for v, text in (("reproduced", "reproduced"), ("partly", "partly"),
              ("not reproduced", "did not"), ("not measured", "could not be measured")) if v in counts]
-    parts[0] = parts[0].replace(" ", f" of {len(card)} claims ", 1) if parts else "no claims"
+    if not parts:
+        return Md("no claims")
+    parts[0] = parts[0].replace(" ", f" of {len(card)} claims ", 1)
     return Md(", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1])
 
 
@@ -235,15 +237,35 @@ def claim_sentences(frame: pd.DataFrame) -> dict[str, Md]:
     return {row.claim_id: claim_sentence(row) for row in frame.itertuples(index=False)}
 
 
-def claims_table(frame: pd.DataFrame) -> MarkdownTable:
-    """The structural claims as the report prints them."""
+def by_verdict(frame: pd.DataFrame) -> dict[str, Md]:
+    """verdict -> the claims that got it, for prose ('name movers and S-inhibition'), 'none' if none."""
+    from ioi.claims import VERDICTS
+
+    return {v: listing(list(frame.short[frame.verdict == v]), empty="none") for v in VERDICTS}
+
+
+def claims_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The structural claims in the central table's columns."""
     ours = [claim_value(r) + (f" {ci(r.ci_low, r.ci_high, 2) if r.unit == 'depth' else _pct_ci(r)}"
                               if not (pd.isna(r.ci_low) or pd.isna(r.ci_high)) else "")
             for r in frame.itertuples(index=False)]
-    return MarkdownTable(pd.DataFrame({
-        "Claim": frame.claim, "GPT-2 small (paper)": frame.paper, "Ours [95% CI]": ours,
-        "Rule": frame.rule, "Verdict": frame.verdict,
-    }))
+    return pd.DataFrame({"Claim": frame.claim, "GPT-2 small (paper)": frame.paper, "Ours [95% CI]": ours,
+                         "Rule": frame.rule, "Verdict": frame.verdict})
+
+
+def numeric_rows(card: pd.DataFrame) -> pd.DataFrame:
+    """The numeric claims (`scorecard`) in the central table's columns."""
+    ours = [_value_text(v) + (f" (rank {int(r)})" if r is not None and not pd.isna(r) else "")
+            + (f" {ci(lo, hi)}" if not (pd.isna(lo) or pd.isna(hi)) else "")
+            for v, r, lo, hi in zip(card.measured, card["rank"], card.ci_low, card.ci_high)]
+    return pd.DataFrame({"Claim": card.claim, "GPT-2 small (paper)": card.published, "Ours [95% CI]": ours,
+                         "Rule": card.rule, "Verdict": card.verdict})
+
+
+def claims_table(frame: pd.DataFrame, card: pd.DataFrame | None = None) -> MarkdownTable:
+    """The report's central table: the structural claims, then (on GPT-2 small) the numeric ones."""
+    parts = [claims_rows(frame)] + ([numeric_rows(card)] if card is not None and len(card) else [])
+    return MarkdownTable(pd.concat(parts, ignore_index=True))
 
 
 def _pct_ci(row) -> str:
