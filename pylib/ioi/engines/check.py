@@ -83,10 +83,8 @@ def _hf_features(model, hf) -> list[str]:
         found.append("unscaled attention scores")
     if kind.startswith("gemma"):
         found.append("embedding scale sqrt(d_model) and Gemma's (1 + w) RMSNorm")
-    if getattr(hf, "use_parallel_residual", False) or getattr(hf, "parallel_attn", False):
+    if getattr(hf, "parallel_attn", False) and kind != "gpt_neox":  # NeoX's is implemented
         found.append("parallel attention and MLP")
-    if float(getattr(hf, "rotary_pct", None) or getattr(hf, "partial_rotary_factor", None) or 1.0) < 1.0:
-        found.append("partial rotary embedding")
     if getattr(hf, "do_layer_norm_before", True) is False:
         found.append("post-layer-norm blocks")
     projected = getattr(hf, "word_embed_proj_dim", None)
