@@ -84,3 +84,13 @@ def test_gemma3_study_engines_fall_back_to_hooks(tiny_gemma3):
         original = Gemma3ForCausalLM.from_pretrained(tiny_gemma3.ioi_name).eval()  # its directory
         hf = logit_diff(original(clean.tokens).logits, clean)
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=0)
+
+
+def test_gemma3_direct_logit_attribution_is_refused(tiny_gemma3):
+    """Gemma 3's heads pass through a post-attention norm: they have no additive direct share,
+    and the attribution says so instead of returning numbers that do not add up."""
+    from ioi.analyses import logit_attribution
+
+    clean, _ = make_pair(tiny_gemma3, n=6)
+    with pytest.raises(NotImplementedError, match="do not add up"):
+        logit_attribution.per_prompt_attributions(tiny_gemma3, clean)

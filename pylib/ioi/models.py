@@ -173,7 +173,10 @@ def check_processing(bridge, tokens: torch.Tensor, reference: torch.Tensor) -> f
 def trained_with_bos(model) -> bool:
     """Whether the model's tokenizer starts every sequence with a BOS token (Gemma, Llama 2/3):
     its convention, the one it was trained on. GPT-2, Pythia and SmolLM2 add none."""
-    tokenizer = model.tokenizer
+    from transformers import AutoTokenizer
+
+    # the tokenizer as saved with the model: the bridge's own is set to add BOS whatever the model
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer.name_or_path)
     ids = tokenizer("Mary")["input_ids"]
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
