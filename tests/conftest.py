@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random models of both architectures the project supports, with the
+"""Shared fixtures: tiny random models of the architectures the project supports, with the
 real tokenizers, so that every invariant runs in seconds on a CPU without downloading weights."""
 
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from ioi.dataset import corrupt, make_dataset
 from ioi.models import _smollm2_directory, from_hf_model, gpt2_tokenizer_directory
@@ -40,9 +43,24 @@ def tiny_llama():
     return bridge
 
 
-@pytest.fixture(scope="session", params=["tiny_gpt2", "tiny_llama"])
+@pytest.fixture(scope="session")
+def tiny_neox():
+    """GPT-NeoX (Pythia) architecture: parallel attention and MLP, rotary embeddings on 25% of
+    each head's dimensions, 3 layers x 4 heads, d_model 64, GPT-2's tokenizer (Pythia's differs,
+    not its shapes)."""
+    config = GPTNeoXConfig(
+        vocab_size=50304, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25,
+    )
+    model = _seeded(lambda: GPTNeoXForCausalLM(config))
+    bridge = from_hf_model(model, gpt2_tokenizer_directory())
+    bridge.ioi_name = "tiny-neox"
+    return bridge
+
+
+@pytest.fixture(scope="session", params=["tiny_gpt2", "tiny_llama", "tiny_neox"])
 def tiny_model(request):
-    """Each tiny model in turn: tests that take it run on both architectures."""
+    """Each tiny model in turn: tests that take it run on every architecture."""
     return request.getfixturevalue(request.param)
 
 

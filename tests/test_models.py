@@ -41,3 +41,21 @@ def test_local_directory_loads(tmp_path):
     in_memory = models.from_hf_model(GPT2LMHeadModel.from_pretrained(tmp_path), tmp_path)
     tokens = from_disk.to_tokens("When Mary and John went to the store, John gave a drink to")
     assert (from_disk(tokens) - in_memory(tokens)).abs().max() < 1e-4
+
+
+def test_bos_follows_the_models_training_convention(tiny_gpt2, tiny_llama):
+    """GPT-2's and SmolLM2's tokenizers start no sequence with BOS, so neither do our prompts
+    by default; a tokenizer that prepends one (Gemma's) would make it the default."""
+    assert models.trained_with_bos(tiny_gpt2) is False
+    assert models.trained_with_bos(tiny_llama) is False
+
+
+def test_a_tokenizer_that_prepends_bos_makes_it_the_default(tmp_path):
+    """A model saved with a tokenizer that starts every sequence with BOS (as Gemma's does)."""
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory(), add_bos_token=True)
+    if tokenizer("Mary")["input_ids"][0] != tokenizer.bos_token_id:
+        pytest.skip("this tokenizer class ignores add_bos_token")
+    tokenizer.save_pretrained(tmp_path)
+    assert models.trained_with_bos(models.load_model(str(tmp_path))) is True

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ioi.engines import fast
+from ioi.engines import check, fast
 from ioi.dataset import corrupt, make_dataset
 from ioi.metrics import logit_diff
 
@@ -109,7 +109,9 @@ def bench_patching(model="gpt2-small-random", n: int = 20, positions: fast.Posit
     """Time our head-output sweep and TransformerLens's on the same model and prompts."""
     model = _load(model)
     clean, corrupted = _pair(model, n, seed)
-    fast.as_fast(model)  # extracting the weights once per model is not part of a sweep
+    verdict = check.verify(model, clean, corrupted)  # extracts the weights, not part of a sweep
+    if not verdict.fast:
+        raise check.UnsupportedModelError(f"{model.ioi_name}: the fast engine is not exact here: {verdict.reason}")
     ours, ours_s = _timed(lambda: fast.head_out_sweep(
         model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, positions=positions
     ))

@@ -30,7 +30,7 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--templates", default=defaults.templates, choices=["mixed", "full", "baba", "abba"])
     parser.add_argument("--bos", action=argparse.BooleanOptionalAction, default=defaults.prepend_bos,
-                        help="prepend a BOS token (the paper does not)")
+                        help="prepend a BOS token (default: the model's convention; none for GPT-2, as in the paper)")
     parser.add_argument("--n-path", type=int, default=defaults.n_path, help="prompts for path patching")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -33,7 +33,7 @@ from ioi.cache import cached
 from ioi.circuits import criteria
 from ioi.circuits.discovery import ATTENTION_FLOOR, DIRECT_SHARE
 from ioi.dataset import IOIDataset, load_distribution
-from ioi.engines import fast_paths
+from ioi.engines import auto
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from ioi.models import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
@@ -199,7 +199,7 @@ def s_inhibition_paths(study: Study, movers: list[tuple[int, int]], n_senders: i
 
 def _path_sweep(model, clean: IOIDataset, corrupted: IOIDataset, senders, receivers) -> pd.DataFrame:
     """The fast exact path-patching sweep into the receivers' queries at END, kept to `senders`."""
-    frame = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, "q", "END")
+    frame = auto.path_patch_sweep(model, clean, corrupted, receivers, "q", "END")
     keep = {tuple(s) for s in senders}
     return frame[[(l, h) in keep for l, h in zip(frame.layer, frame["head"])]].reset_index(drop=True)
 

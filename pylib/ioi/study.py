@@ -12,6 +12,7 @@ same numbers and share one results cache: a chapter that asks for `study.head_pa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import time
@@ -25,8 +26,8 @@ from ioi.cache import cached
 from ioi.circuits import criteria
 from ioi.circuits.discovery import classify_heads, find_circuit
 from ioi.dataset import corrupt, make_dataset
-from ioi.engines import fast, fast_paths
-from ioi.models import load_model
+from ioi.engines import auto
+from ioi.models import load_model, trained_with_bos
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class StudyConfig:
     n: int = 100  # prompts; the paper's path patching uses over 200
     seed: int = 0  # draws the prompts and the ABC names; recorded with every result
     templates: str = "mixed"  # the paper's default: 7 BABA templates and their ABBA versions
-    prepend_bos: bool = False  # the paper's choice; TransformerLens's demos prepend one
+    # None: the model's convention (`models.trained_with_bos`): none for GPT-2, as in the paper;
+    # a BOS for models whose every training sequence began with one (Gemma)
+    prepend_bos: bool | None = None
     n_path: int = 100  # prompts for the path-patching sweeps (the paper uses over 200)
     top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
     faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
@@ -79,8 +82,10 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
 
 class Study:
     def __init__(self, config: StudyConfig = StudyConfig()):
-        self.config = config
         self.model = load_model(config.model, config.device)
+        if config.prepend_bos is None:
+            config = dataclasses.replace(config, prepend_bos=trained_with_bos(self.model))
+        self.config = config
         self.clean = make_dataset(
             self.model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos
         )
@@ -152,19 +157,19 @@ class Study:
     @_analysis
     def residual_patching(self) -> pd.DataFrame:
         """The residual stream before each layer at each named position (fast, exact)."""
-        frame = fast.resid_named_frame(self.model, self.clean, self.corrupted)
+        frame = auto.resid_named_frame(self.model, self.clean, self.corrupted)
         return self._normalised(frame)
 
     @_analysis
     def layer_patching(self) -> pd.DataFrame:
-        """Each layer's whole attention and MLP output, all positions (fast, exact)."""
-        return self._normalised(fast.layer_out_frame(self.model, self.clean, self.corrupted))
+        """Each layer's whole attention and MLP output, all positions."""
+        return self._normalised(auto.layer_out_frame(self.model, self.clean, self.corrupted))
 
     @_analysis
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
         """Each head's output patched at every position ("all") or at END only ("end"),
-        computed by the fast exact engine (`ioi.engines.fast`)."""
-        return self._normalised(fast.head_out_frame(self.model, self.clean, self.corrupted, positions))
+        computed by the fast exact engine where it is verified on the model (`ioi.engines.auto`)."""
+        return self._normalised(auto.head_out_frame(self.model, self.clean, self.corrupted, positions))
 
     def _normalised(self, frame: pd.DataFrame) -> pd.DataFrame:
         clean_ld, corrupted_ld = self.clean_and_corrupted_logit_diff()
@@ -190,7 +195,7 @@ class Study:
     @_analysis(uses=("top_heads",))
     def head_input_patching(self) -> pd.DataFrame:
         """Queries, keys, values and patterns of the top heads, patched one at a time (fast, exact)."""
-        frame = fast.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
+        frame = auto.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
         return self._normalised(frame)
 
     # --- Head classes --------------------------------------------------------------------------
@@ -204,7 +209,7 @@ class Study:
     @_analysis(uses=("n_path",))
     def path_patching_to_logits(self) -> pd.DataFrame:
         clean, corrupted = self.path_data
-        return fast_paths.path_patch_sweep(self.model, clean, corrupted, "logits")
+        return auto.path_patch_sweep(self.model, clean, corrupted, "logits")
 
     def name_movers(self) -> list[tuple[int, int]]:
         return list(self.circuit().classes.get("name mover", ()))
@@ -213,7 +218,7 @@ class Study:
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
         clean, corrupted = self.path_data
-        return fast_paths.path_patch_sweep(
+        return auto.path_patch_sweep(
             self.model, clean, corrupted, self.name_movers(), "q", "END"
         )
 
@@ -223,7 +228,7 @@ class Study:
         duplicate-token heads."""
         clean, corrupted = self.path_data
         receivers = list(self.circuit().classes.get("S-inhibition", ()))
-        return fast_paths.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
+        return auto.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
 
     # --- The circuit ---------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ioi.dataset import IOIDataset
-from ioi.metrics import summarise
+from ioi.metrics import logit_diff, summarise
 from ioi.engines.hooks import run_with_cache
 
 
@@ -79,7 +79,22 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
         frames.append(_frame(dataset, "mlp", layer, -1, share(cache[f"blocks.{layer}.hook_mlp_out"][rows_idx, end])))
     b_U = model.b_U if model.b_U is not None else torch.zeros(model.cfg.d_vocab)
     frames.append(_frame(dataset, "unembed_bias", -1, -1, b_U[dataset.io_token] - b_U[dataset.s_token]))
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    _check_decomposes(model, out, logit_diff(logits, dataset))
+    return out
+
+
+def _check_decomposes(model, per_prompt: pd.DataFrame, logit_diffs: Tensor) -> None:
+    """The shares must add up to each prompt's logit difference. They do not where a norm sits
+    between the heads and the residual stream (Gemma's post-attention norm): refuse, naming it."""
+    summed = torch.tensor(per_prompt.groupby("prompt_index").dla.sum().to_numpy())
+    error = float((summed - logit_diffs.double()).abs().max())
+    if error > 1e-3 * max(1.0, float(logit_diffs.abs().max())):
+        raise NotImplementedError(
+            f"{getattr(model, 'ioi_name', 'this model')}: direct logit attributions do not add up to the "
+            f"logit difference (off by {error:.3g}); its heads' outputs pass through a norm before the "
+            "residual stream (e.g. Gemma's post-attention norm), so they have no direct share."
+        )
 
 
 def _frame(dataset, component, layer, head, values: Tensor) -> pd.DataFrame:

@@ -15,7 +15,8 @@ Means are per template *and* per token alignment: prompts of one template can di
 when a place or object is several tokens, so we group by template and by the named positions.
 
 `run_circuit` is the readable hook-based definition; the criteria run on `ioi.engines.fast_ablation`,
-which computes the same numbers from one cached run per base circuit (tests/test_fast_ablation.py).
+which computes the same numbers from one cached run per base circuit (tests/test_fast_ablation.py),
+on every model where `ioi.engines.check` verifies the fast engine, and on `run_circuit` elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi.engines import fast_ablation
+from ioi.engines import check, fast_ablation
 from ioi.dataset import DATA_DIR, POSITIONS, IOIDataset
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
 from ioi.engines.hooks import run_with_cache
@@ -148,8 +149,18 @@ def run_circuit(model, circuit: Circuit, dataset: IOIDataset, means: dict) -> Fl
 # from one cached run per base circuit, each knockout only from the layer where it starts to differ.
 
 
-def mean_ablation(model, clean: IOIDataset, corrupted: IOIDataset) -> fast_ablation.MeanAblation:
-    """The clean prompts with each head's per-template, per-alignment mean over the ABC prompts."""
+@dataclass(frozen=True)
+class HookAblation:
+    """Mean-ablation by `run_circuit`, for models the fast engine does not compute exactly."""
+
+    means: dict  # from `group_means` on the ABC prompts
+
+
+def mean_ablation(model, clean: IOIDataset, corrupted: IOIDataset) -> fast_ablation.MeanAblation | HookAblation:
+    """The clean prompts with each head's per-template, per-alignment mean over the ABC prompts:
+    for the fast engine where `ioi.engines.check` verifies it on this model, else for hooks."""
+    if not check.use_fast(model, clean, corrupted):
+        return HookAblation(group_means(model, corrupted))
     groups = torch.as_tensor(alignment_groups(corrupted))
     return fast_ablation.prepare(
         model, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens, groups
@@ -163,6 +174,8 @@ def circuit_logit_diffs(
     Give as `base` the circuit they are knockouts of: each runs from where it differs from it."""
     for circuit in circuits:
         check_circuit(model, circuit)
+    if isinstance(ablation, HookAblation):
+        return torch.stack([run_circuit(model, c, clean, ablation.means) for c in circuits])
     keeps = [keep_mask(model, c, clean) for c in circuits]
     return fast_ablation.logit_diffs(ablation, keeps, None if base is None else keep_mask(model, base, clean))
 
@@ -284,7 +297,10 @@ def _greedy_subset(model, circuit, clean, ablation, size: int, candidates: int |
 
 
 def _screen(model, c_minus_k: Circuit, m_minus_k: Circuit, heads: list, clean, ablation, keep: int) -> list:
-    """The `keep` heads with the largest estimated |F(C \\ (K + h)) - F(M \\ (K + h))|."""
+    """The `keep` heads with the largest estimated |F(C \\ (K + h)) - F(M \\ (K + h))| (every
+    head, for the exact search, where the estimate's fast engine is not verified)."""
+    if isinstance(ablation, HookAblation):
+        return heads
     f_c, change_c = fast_ablation.knockout_estimates(ablation, keep_mask(model, c_minus_k, clean))
     f_m, change_m = fast_ablation.knockout_estimates(ablation, keep_mask(model, m_minus_k, clean))
     estimate = {h: abs(f_c + float(change_c[h]) - f_m - float(change_m[h])) for h in heads}

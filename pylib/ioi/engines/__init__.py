@@ -10,4 +10,9 @@ The fast twins, tested against the references to 1e-4 and used by the study:
 - `fast_paths`: exact path patching from one clean and one corrupted cached run
 - `fast_ablation`: exact mean-ablation for the circuit criteria
 - `attribution`: attribution patching, the first-order estimate of every patch at once
+
+Which one a study uses:
+- `check`: whether the fast engines are exact on the model in hand (unimplemented features named
+  up front; fast logit differences against the bridge's on the study's prompts)
+- `auto`: the study's engine, fast where `check` verifies it, the hook references elsewhere
 """

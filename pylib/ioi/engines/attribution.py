@@ -67,7 +67,7 @@ def _forward(fast: fastlib.FastModel, tokens: Tensor, keep_grad: bool):
         z = fastlib.attend(fastlib.attention_pattern(q, k, pos), v)
         attn_out = fastlib.head_out(layer, z)
         mid = resid + attn_out
-        mlp_out = fastlib.mlp(fast, layer, fastlib.norm(fast, mid))
+        mlp_out = fastlib.mlp(fast, layer, fastlib.mlp_input(fast, resid, mid))
         for name, value in zip(ACTIVATIONS, (resid, q, k, v, z, attn_out, mlp_out)):
             if keep_grad:
                 value.retain_grad()

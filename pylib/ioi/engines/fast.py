@@ -89,6 +89,8 @@ class FastModel:
     norm_type: Literal["LN", "RMS"]
     eps: float
     act_fn: str
+    # GPT-NeoX (Pythia): attention and MLP both read the residual stream before the layer
+    parallel: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -137,6 +139,7 @@ def _from_bridge(bridge) -> FastModel:
         norm_type="RMS" if cfg.normalization_type.startswith("RMS") else "LN",
         eps=float(cfg.eps),
         act_fn=str(cfg.act_fn),
+        parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
     )
 
 
@@ -171,13 +174,21 @@ def _layer_weight(stacked: dict, name: str, i: int, bridge) -> Tensor | None:
 
 def _rotary_tables(bridge) -> tuple[Tensor, Tensor]:
     """cos and sin per position from the Hugging Face model's own rotary module, so that any
-    base frequency or scaling it uses is reproduced exactly."""
-    rotary = bridge.original_model.model.rotary_emb
+    base frequency, scaling or partial width (Pythia rotates 25% of each head) it uses is
+    reproduced exactly."""
+    rotary = _rotary_module(bridge.original_model)
     n = min(int(bridge.cfg.n_ctx), MAX_ROTARY_POSITIONS)
     dtype = bridge.W_E.dtype
     probe = torch.zeros(1, n, 1, dtype=dtype, device=bridge.W_E.device)
     cos, sin = rotary(probe, torch.arange(n, device=probe.device)[None])
     return cos[0].to(dtype).detach(), sin[0].to(dtype).detach()
+
+
+def _rotary_module(hf_model) -> torch.nn.Module:
+    found = [m for name, m in hf_model.named_modules() if name.rsplit(".", 1)[-1] == "rotary_emb"]
+    if len(found) != 1:
+        raise NotImplementedError(f"{type(hf_model).__name__}: expected one rotary module, found {len(found)}")
+    return found[0]
 
 
 # --- The forward, a function at a time -------------------------------------------------------
@@ -198,10 +209,14 @@ def norm(fast: FastModel, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "...
 
 
 def rotate(fast: FastModel, x: Float[Tensor, "batch row head d_head"], pos: Int[Tensor, "batch row"]):
-    """Rotary position embedding, Hugging Face's half-split convention."""
+    """Rotary position embedding, Hugging Face's half-split convention, on the first
+    `rotary_cos.shape[-1]` dimensions of each head (all of them but in Pythia)."""
     if fast.rotary_cos is None:
         return x
     cos, sin = fast.rotary_cos[pos][:, :, None], fast.rotary_sin[pos][:, :, None]
+    width = cos.shape[-1]
+    if width < x.shape[-1]:
+        return torch.cat((rotate(fast, x[..., :width], pos), x[..., width:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -262,6 +277,12 @@ def mlp(fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"]) ->
     return _act(fast, x @ layer.W_in + layer.b_in) @ layer.W_out + layer.b_out
 
 
+def mlp_input(fast: FastModel, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
+    """The normalised MLP input: from the residual after attention, or, in a parallel block
+    (GPT-NeoX), from the one before it."""
+    return norm(fast, resid_pre if fast.parallel else resid_mid)
+
+
 def _act(fast: FastModel, x: Tensor) -> Tensor:
     if fast.act_fn in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return F.gelu(x, approximate="tanh")
@@ -308,7 +329,9 @@ class Cache:
         return self.resid_pre[layer][index] + self.attn_out(layer, index)
 
     def mlp_out(self, layer: int, index=slice(None)) -> Tensor:
-        return mlp(self.fast, self.fast.layers[layer], norm(self.fast, self.resid_mid(layer, index)))
+        before = self.resid_pre[layer][index]
+        after = before if self.fast.parallel else self.resid_mid(layer, index)  # parallel: unused
+        return mlp(self.fast, self.fast.layers[layer], mlp_input(self.fast, before, after))
 
 
 def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=None) -> Cache:
@@ -327,7 +350,7 @@ def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=Non
         for name, value in zip(acts, (resid, z, k, v)):
             acts[name].append(value)
         mid = resid + head_out(layer, z)
-        resid = mid + mlp(fast, layer, norm(fast, mid))
+        resid = mid + mlp(fast, layer, mlp_input(fast, resid, mid))
     return Cache(fast, **{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
 
 
@@ -368,7 +391,8 @@ def run_rows(
     not among the rows is unchanged, so its keys and values are the cached ones; the rows' own
     keys and values are recomputed and written over them. After the last layer's keys and
     values only END is needed, so the last attention and MLP run on END alone. `edit_z` is as
-    in `run_with_cache`."""
+    in `run_with_cache`. A change given after attention is a change to the attention output
+    alone: the residual before it, which a parallel block's MLP reads, is the cached one."""
     n_idx = torch.arange(len(prompt), device=pos.device)
     last = fast.n_layers - 1
     for i in range(start_layer, fast.n_layers):
@@ -381,10 +405,12 @@ def run_rows(
             z = attention_z(fast, layer, x, pos, k, v)
             if edit_z is not None:
                 z = edit_z(i, z, prompt, pos)
-            resid = resid + head_out(layer, z)
-        elif i == last:
-            resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
-        resid = resid + mlp(fast, layer, norm(fast, resid))
+            pre, resid = resid, resid + head_out(layer, z)
+        else:
+            if i == last:
+                resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
+            pre = cache.resid_pre[i][prompt[:, None], pos] if fast.parallel else resid
+        resid = resid + mlp(fast, layer, mlp_input(fast, pre, resid))
     return resid[:, 0] if resid.shape[1] == 1 else resid[n_idx, end_row]
 
 

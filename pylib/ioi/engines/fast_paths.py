@@ -51,7 +51,7 @@ from ioi.engines import hooks_paths
 from ioi.dataset import IOIDataset
 from ioi.engines.fast import (
     Cache, FastModel, as_fast, attend, attention_pattern, cached_runs, first_change, head_out, keys_values,
-    length_groups, logit_diff_at, mlp, norm, queries,
+    length_groups, logit_diff_at, mlp, mlp_input, norm, queries,
 )
 
 Head = tuple[int, int]  # (layer, head)
@@ -209,14 +209,16 @@ def _frozen_forward(
     """Step 2 from `layer`'s residual after attention, every later attention layer frozen to its
     clean output: the residual stream before each layer in `want` (n_layers: the final one)."""
     out = {}
-    resid = resid_mid + mlp(fast, fast.layers[layer], norm(fast, resid_mid))
+    # the sender changed the attention output only: a parallel MLP reads the cached residual
+    pre = cache.resid_pre[layer][prompt[:, None], pos] if fast.parallel else resid_mid
+    resid = resid_mid + mlp(fast, fast.layers[layer], mlp_input(fast, pre, resid_mid))
     for l in range(layer + 1, max(want) + 1):
         if l in want:
             out[l] = resid
         if l == fast.n_layers or l == max(want):
             break
-        resid = resid + cache.attn_out(l, (prompt[:, None], pos))
-        resid = resid + mlp(fast, fast.layers[l], norm(fast, resid))
+        pre, resid = resid, resid + cache.attn_out(l, (prompt[:, None], pos))
+        resid = resid + mlp(fast, fast.layers[l], mlp_input(fast, pre, resid))
     return out
 
 
@@ -278,7 +280,7 @@ def _patched_forward(
         if l == fast.n_layers - 1:  # after the last keys and values only END is read
             at = torch.arange(len(prompt)), end_row
             q, resid, pos = q[at][:, None], resid[at][:, None], pos[at][:, None]
-        resid = resid + head_out(lw, attend(attention_pattern(q, k, pos), v))
-        resid = resid + mlp(fast, lw, norm(fast, resid))
+        pre, resid = resid, resid + head_out(lw, attend(attention_pattern(q, k, pos), v))
+        resid = resid + mlp(fast, lw, mlp_input(fast, pre, resid))
     return resid[:, 0]
 
