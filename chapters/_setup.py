@@ -20,6 +20,7 @@ import altair as alt
 import pandas as pd
 
 from ioi.circuits.criteria import load_circuit
+from ioi.claims import claims as structural_claims
 from ioi.report import figures, scorecard, tables, text
 from ioi.report.figures import show
 from ioi.report.text import Md, ci, fmt, heads, pct
@@ -34,8 +35,10 @@ study = Study(StudyConfig(
 ))
 setup = {k: Md(v) if isinstance(v, str) else v for k, v in study.setup().items()}  # strings print unquoted inline
 circuit = study.circuit()
-claims = scorecard.load_claims().set_index("claim_id")  # the published numbers we compare against
-published = claims.published_value
+published_claims = scorecard.load_claims().set_index("claim_id")  # GPT-2 small's published numbers
+published = published_claims.published_value
+findings = structural_claims(study)  # the paper's structural claims, each judged on this model
+said = scorecard.claim_sentences(findings)  # claim -> the sentence its verdict picked
 on_paper_model = study.config.model == scorecard.PAPER_MODEL
 alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard
 text.inline_numbers()  # a stray numpy number prints as 142, not np.int64(142)

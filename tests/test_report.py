@@ -98,12 +98,17 @@ def test_scorecard_table_is_a_markdown_pipe_table():
     assert "[3.30, 3.80]" in text
 
 
-def test_residual_crossover_is_the_first_layer_where_end_beats_s2():
-    """The layer at which END first restores more than S2."""
-    rows = [(0, "S2", 0.9), (0, "END", 0.0), (1, "S2", 0.6), (1, "END", 0.3), (2, "S2", 0.2), (2, "END", 0.8)]
+def test_residual_handover_is_where_end_leads_for_good():
+    """The handover layer: END leads every later layer; a negative S2 column cannot fire it early
+    (END > S2 at layer 0 here, but IO leads there)."""
+    from ioi.claims import handover_layer
+
+    rows = [(0, "IO", 0.7), (0, "S2", -0.3), (0, "END", 0.0), (1, "IO", 0.6), (1, "S2", -0.2), (1, "END", 0.3),
+            (2, "IO", 0.1), (2, "S2", 0.0), (2, "END", 0.8), (3, "IO", 0.0), (3, "S2", 0.0), (3, "END", 1.0)]
     frame = pd.DataFrame(rows, columns=["layer", "position", "patched_metric"])
-    assert tables.residual_crossover(frame) == 2.0
-    assert math.isnan(tables.residual_crossover(frame[frame.layer < 2]))
+    assert handover_layer(frame) == 2
+    assert handover_layer(frame[frame.layer < 2]) is None
+    assert scorecard.MEASURES["residual.end_overtakes_s2"](type("S", (), {"residual_patching": lambda self: frame})(), "").value == 2.0
 
 
 def test_numbers_for_prose_use_true_minus_signs():

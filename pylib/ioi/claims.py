@@ -194,10 +194,7 @@ def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_d
     if residual is None or not len(residual):
         return NOT_MEASURED
     wide = residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
-    leader = wide.idxmax(axis=1)
-    not_end = np.flatnonzero((leader != "END").to_numpy())
-    handover = int(wide.index[not_end[-1] + 1]) if len(not_end) and not_end[-1] + 1 < len(wide) else (
-        int(wide.index[0]) if not len(not_end) else None)
+    handover = handover_layer(residual)
     if handover is None:  # END never leads to the end: no handover at all
         return Finding("not reproduced", float("nan"), unit="depth", facts={"layer": "none", "carrier": "no position"})
     before = wide.loc[wide.index < handover]
@@ -207,6 +204,16 @@ def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_d
     verdict = _grade(min_depth <= depth <= max_depth, len(before) > 0 and names_lead.mean() > 0.5)
     carrier = carriers.index[0] if len(carriers) else (before.idxmax(axis=1).mode().iloc[0] if len(before) else "no position")
     return Finding(verdict, depth, unit="depth", facts={"layer": handover, "carrier": carrier})
+
+
+def handover_layer(residual: pd.DataFrame) -> int | None:
+    """The first layer from which END restores the most of all positions at every later layer
+    (`residual`: layer, position, patched_metric); None if END does not lead at the last layer."""
+    wide = residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
+    not_end = np.flatnonzero((wide.idxmax(axis=1) != "END").to_numpy())
+    if not len(not_end):
+        return int(wide.index[0])
+    return int(wide.index[not_end[-1] + 1]) if not_end[-1] + 1 < len(wide) else None
 
 
 def small_circuit(

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ioi.dataset import DATA_DIR
-from ioi.report.tables import residual_crossover
+from ioi.claims import handover_layer
 from ioi.report.text import MarkdownTable, Md, ci, fmt, listing, pct
 
 
@@ -58,6 +58,11 @@ def _head_measure(frame: pd.DataFrame, column: str, head: str) -> Measured:
     return Measured(row[column], row.get("ci_low", float("nan")), row.get("ci_high", float("nan")), int(at[0]) + 1)
 
 
+def _handover(residual: pd.DataFrame) -> Measured:
+    layer = handover_layer(residual)
+    return Measured(float("nan") if layer is None else float(layer))
+
+
 def _faithfulness(study) -> Measured:
     f = study.faithfulness()
     return Measured(f["faithfulness"], f["faithfulness_ci_low"], f["faithfulness_ci_high"])
@@ -87,7 +92,7 @@ MEASURES = {
     "baseline.logit_diff": lambda s, _: _summary_row(s.baseline_summary(), "logit_diff"),
     "baseline.io_prob": lambda s, _: _summary_row(s.baseline_summary(), "io_prob"),
     "baseline.io_beats_s": lambda s, _: _summary_row(s.baseline_summary(), "io_beats_s"),
-    "residual.end_overtakes_s2": lambda s, _: Measured(residual_crossover(s.residual_patching())),
+    "residual.end_overtakes_s2": lambda s, _: _handover(s.residual_patching()),
     "dla": lambda s, head: _head_measure(s.head_attributions(), "mean", head),
     "head_patching": lambda s, head: _head_measure(s.head_patching(), "patched_metric", head),
     "circuit.faithfulness": lambda s, _: _faithfulness(s),

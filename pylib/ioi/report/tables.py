@@ -1,7 +1,7 @@
 """Tables the chapters need that combine analyses of a Study: the three path-patching steps in
 one frame, the circuit as a graph (nodes placed by layer and class, edges from path patching),
 the heads worth showing, attention patterns on one prompt, head scores in long form, the
-residual stream's crossover, and the pooled name-order rows of the template follow-up.
+and the pooled name-order rows of the template follow-up.
 Compute only: a Study in, a tidy DataFrame out.
 """
 
@@ -154,13 +154,6 @@ def scores_long(study) -> pd.DataFrame:
     scores["class"] = scores.get("class", pd.Series(index=scores.index, dtype=object)).fillna("not in circuit")
     long = scores.melt(id_vars=["head_name", "class"], value_vars=list(SCORES), var_name="score")
     return long.rename(columns={"head_name": "head"})
-
-
-def residual_crossover(residual: pd.DataFrame) -> float:
-    """The first layer at which patching END restores more than patching S2 (NaN if never)."""
-    wide = residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
-    later = wide.index[wide["END"] > wide["S2"]]
-    return float(later[0]) if len(later) else float("nan")
 
 
 def order_summary(sweep: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
