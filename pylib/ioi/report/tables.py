@@ -166,15 +166,21 @@ def second_study(model: str, main, n: int, n_path: int) -> tuple[object | None, 
     """The Study of a follow-up's second model, or (None, why not): a follow-up never repeats
     the main study's model, and a model that is unknown or cannot be loaded here is reported,
     not raised, so the section can say so in a sentence."""
+    from ioi.engines.check import UnsupportedModelError, check_supported
     from ioi.models import ModelUnavailableError
     from ioi.study import Study, StudyConfig
 
     if not model or model == main.config.model:
         return None, None
     try:
-        return Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path))), None
+        study = Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path)))
     except (ModelUnavailableError, ValueError) as error:
         return None, error
+    try:  # a render runs only what the fast engines compute exactly; the hooks take hours here
+        check_supported(study.model)
+    except UnsupportedModelError as error:
+        return None, error
+    return study, None
 
 
 def completeness_table(frame: pd.DataFrame, max_listed: int = 6) -> pd.DataFrame:

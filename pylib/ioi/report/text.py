@@ -237,6 +237,14 @@ def extension_unavailable(extension: str, main: str, error: Exception | None = N
     if extension == main:
         return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
                   f"the model named for it, {extension}, is the main study's own.")
+    from ioi.engines.check import UnsupportedModelError
+
+    if isinstance(error, UnsupportedModelError):
+        return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run in "
+                  f"this render: {extension} loads, but the fast engines do not implement its architecture "
+                  f"({str(error).split(' (model')[0].removeprefix('The fast engines do not implement ')}), so every "
+                  f"analysis would run on the hook-based reference engines, hours on a laptop CPU "
+                  f"(`python -m ioi reproduce --model {extension}` runs them).")
     if error is not None:
         return Md(f"This follow-up, which asks whether another model family solves the task the same way, did not run: "
                   f"the model named for it, {extension}, cannot be loaded here ({str(error).split('. ')[0].rstrip('.')}).")
