@@ -125,6 +125,8 @@ def path_patch_sweep(
         clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
     last = model.cfg.n_layers if receivers == "logits" else min(l for l, _ in receivers)
     senders = [(l, h) for l in range(last) for h in range(model.cfg.n_heads)]
+    if not senders:  # receivers in layer 0: no head lies before them
+        return pd.DataFrame(columns=["layer", "head", "logit_diff", "relative_change"])
     rows = []
     for sender in tqdm(senders, desc="path patching", leave=False):
         ld = path_patch(
