@@ -41,8 +41,8 @@ class FakeSweep:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, receivers, receiver_input, position):
-        self.calls.append((receivers, receiver_input, position))
+    def __call__(self, receivers, receiver_input, position, first_layer):
+        self.calls.append((receivers, receiver_input, position, first_layer))
         if receivers == "logits":  # name mover 5.0, negative 5.1, a sub-threshold 4.0
             return _frame(N_LAYERS, {(5, 0): 0.30, (5, 1): -0.10, (4, 0): 0.049, (4, 1): 0.05})
         last = min(l for l, _ in receivers)
@@ -51,7 +51,8 @@ class FakeSweep:
             "v": {(2, 0): 0.05, (1, 1): 0.03, (1, 0): 0.019},
             "k": {(0, 0): 0.021},
         }[receiver_input]
-        return _frame(last, effects)
+        frame = _frame(last, effects)
+        return frame[frame.layer >= first_layer]
 
 
 SCORES = _scores(
@@ -67,14 +68,16 @@ SCORES = _scores(
 
 def test_each_step_sweeps_the_previous_steps_heads():
     """Step 2 patches the name movers' queries at END, step 3 the S-inhibition heads' values at
-    S2, step 4 the induction heads' keys at S1+1 (not the duplicate-token heads')."""
+    S2, step 4 the induction heads' keys at S1+1 (not the duplicate-token heads'); a sender
+    between two receivers' layers is patched into the later one only."""
     sweep = FakeSweep()
     P.paper_way_circuit(sweep, SCORES)
     assert sweep.calls == [
-        ("logits", None, None),
-        (((4, 1), (5, 0)), "q", "END"),
-        (((3, 0),), "v", "S2"),
-        (((2, 0),), "k", "S1+1"),
+        ("logits", None, None, 0),
+        (((4, 1), (5, 0)), "q", "END", 0),
+        (((5, 0),), "q", "END", 4),
+        (((3, 0),), "v", "S2", 0),
+        (((2, 0),), "k", "S1+1", 0),
     ]
 
 
@@ -142,10 +145,10 @@ def planted():
 
 
 def _sweep(engine, model, clean, corrupted):
-    def sweep(receivers, receiver_input, position):
+    def sweep(receivers, receiver_input, position, first_layer):
         if receivers == "logits":
-            return engine(model, clean, corrupted, "logits")
-        return engine(model, clean, corrupted, list(receivers), receiver_input, position)
+            return engine(model, clean, corrupted, "logits", first_layer=first_layer)
+        return engine(model, clean, corrupted, list(receivers), receiver_input, position, first_layer=first_layer)
     return sweep
 
 
@@ -186,7 +189,7 @@ def test_logits_threshold_splits_the_planted_heads(planted):
     weaker: the threshold is on |effect| as a share of the clean logit difference."""
     model, clean, corrupted = planted
     sweep = _sweep(fast_paths.path_patch_sweep, model, clean, corrupted)
-    direct = sweep("logits", None, None)
+    direct = sweep("logits", None, None, 0)
     effect = {(int(l), int(h)): abs(float(c)) for l, h, c in zip(direct.layer, direct["head"], direct.relative_change)}
     ranked = sorted(PLANTED, key=effect.get)
     share = (effect[ranked[0]] + effect[ranked[1]]) / 2

@@ -206,21 +206,24 @@ class Study:
     # --- Path patching -------------------------------------------------------------------------
 
     @_analysis(uses=("n_path",))
-    def path_sweep(self, receivers="logits", receiver_input=None, receiver_position=None) -> pd.DataFrame:
-        """Every earlier head as the sender of one path-patching sweep (fast, exact). The named
-        sweeps below and the paper-way discovery share these results."""
+    def path_sweep(self, receivers="logits", receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
+        """Every head before the receivers (from `first_layer` on) as the sender of one
+        path-patching sweep (fast, exact). The named sweeps below and the paper-way discovery
+        share these results."""
         clean, corrupted = self.path_data
         if receivers != "logits":
             receivers = [tuple(r) for r in receivers]
         return fast_paths.path_patch_sweep(
-            self.model, clean, corrupted, receivers, receiver_input or "q", receiver_position
+            self.model, clean, corrupted, receivers, receiver_input or "q", receiver_position,
+            first_layer=first_layer,
         )
 
-    def _sweep(self, receivers, receiver_input=None, receiver_position=None) -> pd.DataFrame:
+    def _sweep(self, receivers, receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
         """`path_sweep` with receivers in one canonical form, so equal sweeps share a cache entry."""
-        if receivers != "logits":
-            receivers = tuple(sorted((int(l), int(h)) for l, h in receivers))
-        return self.path_sweep(receivers, receiver_input, receiver_position)
+        if receivers == "logits":
+            return self.path_sweep("logits", None, None, first_layer)
+        receivers = tuple(sorted((int(l), int(h)) for l, h in receivers))
+        return self.path_sweep(receivers, receiver_input, receiver_position, first_layer)
 
     def path_patching_to_logits(self) -> pd.DataFrame:
         return self._sweep("logits")

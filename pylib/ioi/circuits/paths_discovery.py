@@ -24,8 +24,10 @@ Conventions (stated, not tuned on any model's results):
 - A path's effect is -(patched - clean) / clean logit difference, so positive means the path
   carries the task. Step 1 keeps both signs (|effect| >= share); steps 2-4 keep heads whose
   path helps (effect >= share), as the paper's figures do.
-- Senders are the heads in layers before the first receiver (`fast_paths.path_patch_sweep`):
-  a cheap screen that costs one sweep per step.
+- Senders are all heads in layers before the last receiver, each patched into the receivers in
+  later layers than its own (a head between two name movers can only reach the later one). That
+  is one `fast_paths.path_patch_sweep` per distinct receiver layer, each over only the sender
+  layers it owns (`first_layer`), so a step costs one sweep's worth of senders in all.
 - A head found again at a later step keeps its first class (its later row says so).
 - Mean-ablation positions follow data/circuits/wang2022_gpt2_small.json: END for name movers,
   negative name movers and S-inhibition heads, S2 for induction and duplicate-token heads, S1+1
@@ -42,7 +44,8 @@ import pandas as pd
 from ioi.circuits.criteria import Circuit
 
 Head = tuple[int, int]
-# sweep(receivers, receiver_input, receiver_position) -> a `fast_paths.path_patch_sweep` frame
+# sweep(receivers, receiver_input, receiver_position, first_layer) -> a `fast_paths.path_patch_sweep`
+# frame, senders from first_layer up to the first receiver's layer
 Sweep = Callable[..., pd.DataFrame]
 
 POSITIONS = {
@@ -79,16 +82,17 @@ class PathsConfig:
 def paper_way_circuit(sweep: Sweep, scores: pd.DataFrame, config: PathsConfig = PathsConfig()) -> pd.DataFrame:
     """The four steps, one row per head over a step's threshold (see the module docstring).
 
-    `sweep(receivers, receiver_input, receiver_position)` runs one path-patching sweep (receivers
-    "logits" or a tuple of (layer, head)); `scores` is `head_scores.head_scores`' table."""
+    `sweep(receivers, receiver_input, receiver_position, first_layer)` runs one path-patching sweep
+    (receivers "logits" or a sorted tuple of (layer, head)); `scores` is `head_scores.head_scores`'
+    table."""
     scores = scores.set_index(["layer", "head"])
     rows: list[dict] = []
 
     def found(*classes: str) -> tuple[Head, ...]:
         return tuple(sorted((r["layer"], r["head"]) for r in rows if r["kept"] and r["class"] in classes))
 
-    frame = sweep("logits", None, None)
-    rows += _step(frame, 1, "logits", config.logits_share, both_signs=True, scores=scores, taken=rows,
+    frame = sweep("logits", None, None, 0).assign(receivers="logits")
+    rows += _step(frame, 1, config.logits_share, both_signs=True, scores=scores, taken=rows,
                   classify=lambda s, e: "name mover" if e > 0 else "negative name mover")
     steps = [
         (2, ("name mover",), "q", "END", config.queries_share, lambda s, e: "S-inhibition"),
@@ -100,15 +104,26 @@ def paper_way_circuit(sweep: Sweep, scores: pd.DataFrame, config: PathsConfig = 
         receivers = found(*receiver_classes)
         if not receivers:
             continue
-        frame = sweep(receivers, receiver_input, position)
-        label = f"{receiver_input} at {position} of " + " ".join(f"{l}.{h}" for l, h in receivers)
-        rows += _step(frame, step, label, share, both_signs=False, scores=scores, taken=rows, classify=classify)
+        frame = _into_later_receivers(sweep, receivers, receiver_input, position)
+        rows += _step(frame, step, share, both_signs=False, scores=scores, taken=rows, classify=classify)
     for row in rows:
         row["check"], row["why"] = _check(row, config.attention_floor, row["why"])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _step(frame, step, receivers, share, both_signs, scores, taken, classify) -> list[dict]:
+def _into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_input: str, position: str) -> pd.DataFrame:
+    """Every head before the last receiver as a sender into the receivers after its layer."""
+    layers = sorted({l for l, _ in receivers})
+    frames = []
+    for below, layer in zip([0] + layers[:-1], layers):
+        later = tuple(r for r in receivers if r[0] >= layer)
+        frame = sweep(later, receiver_input, position, below)
+        label = f"{receiver_input} at {position} of " + " ".join(f"{l}.{h}" for l, h in later)
+        frames.append(frame[frame.layer >= below].assign(receivers=label))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _step(frame, step, share, both_signs, scores, taken, classify) -> list[dict]:
     """Rows for the senders of one sweep whose path effect reaches `share`, strongest first."""
     if frame.empty:
         return []
@@ -122,7 +137,7 @@ def _step(frame, step, receivers, share, both_signs, scores, taken, classify) ->
         earlier = first_class.get(head)
         out.append({
             "layer": head[0], "head": head[1], "class": classify(s, effect[i]), "step": step,
-            "receivers": receivers, "effect": float(effect[i]), **{c: float(s[c]) for c in SCORE_COLUMNS},
+            "receivers": frame.receivers[i], "effect": float(effect[i]), **{c: float(s[c]) for c in SCORE_COLUMNS},
             "kept": earlier is None,
             "why": _reason(effect[i], share, both_signs) if earlier is None else f"already a {earlier}",
         })
