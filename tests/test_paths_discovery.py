@@ -197,3 +197,12 @@ def test_logits_threshold_splits_the_planted_heads(planted):
     table = P.paper_way_circuit(sweep, head_scores(model, clean), config)
     assert set(zip(table.layer, table["head"])) == set(ranked[1:])
     assert (table.effect.abs() >= share).all()
+
+
+@pytest.mark.parametrize("receivers, receiver_input, position", [("logits", "q", None), ([(2, 3), (2, 0)], "v", "S2")])
+def test_first_layer_skips_only_the_earlier_senders(planted, receivers, receiver_input, position):
+    """A sweep from `first_layer` gives the full sweep's rows for the senders it keeps."""
+    model, clean, corrupted = planted
+    full = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position)
+    later = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position, first_layer=1)
+    pd.testing.assert_frame_equal(later, full[full.layer >= 1].reset_index(drop=True))
