@@ -206,3 +206,21 @@ def test_first_layer_skips_only_the_earlier_senders(planted, receivers, receiver
     full = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position)
     later = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position, first_layer=1)
     pd.testing.assert_frame_equal(later, full[full.layer >= 1].reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_circuit_cli_rows_carry_class_and_step(tmp_path, monkeypatch, capsys):
+    """`circuit --method paths --json`: one row per kept head with its class, kept position, the
+    step that found it and its check; `--method topk` gives the baseline's heads by class."""
+    import json
+
+    from ioi.cli import main
+
+    monkeypatch.setenv("IOI_CACHE_DIR", str(tmp_path))
+    argv = ["circuit", "--model", "gpt2-small-random", "--n", "4", "--json"]
+    assert main(argv + ["--method", "paths"]) == 0
+    rows = pd.DataFrame(json.loads(capsys.readouterr().out))
+    assert {"class", "layer", "head", "position", "step", "effect", "check", "why"} <= set(rows.columns)
+    assert (rows.position == rows["class"].map(P.POSITIONS)).all()
+    assert main(argv + ["--method", "topk"]) == 0
+    assert {"class", "layer", "head", "position"} <= set(pd.DataFrame(json.loads(capsys.readouterr().out)).columns)

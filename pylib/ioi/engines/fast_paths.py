@@ -58,6 +58,12 @@ Head = tuple[int, int]  # (layer, head)
 COLUMNS = ["layer", "head", "logit_diff", "relative_change"]
 
 
+def empty_sweep() -> pd.DataFrame:
+    """A sweep with no senders (receivers in layer 0, or none), typed like a full one."""
+    return pd.DataFrame({"layer": pd.Series(dtype=int), "head": pd.Series(dtype=int),
+                         "logit_diff": pd.Series(dtype=float), "relative_change": pd.Series(dtype=float)})
+
+
 def path_patch_sweep(
     model,
     clean: IOIDataset,
@@ -77,7 +83,7 @@ def path_patch_sweep(
     (None); any other receiver_input falls back to the hook-based reference. Senders in layers
     below `first_layer` are skipped (no row), for sweeps that only need the later ones."""
     if receivers != "logits" and not receivers:
-        return pd.DataFrame(columns=COLUMNS)
+        return empty_sweep()
     if receivers != "logits" and receiver_input not in ("q", "k", "v"):
         return hooks_paths.path_patch_sweep(
             model, clean, corrupted, receivers, receiver_input, receiver_position, first_layer
@@ -86,7 +92,7 @@ def path_patch_sweep(
     receivers = receivers if receivers == "logits" else [(int(l), int(h)) for l, h in receivers]
     last = fast.n_layers if receivers == "logits" else min(l for l, _ in receivers)
     if last <= first_layer:  # no sender lies before the receivers
-        return pd.DataFrame(columns=COLUMNS)
+        return empty_sweep()
     clean_cache, corrupted_cache = cached_runs(fast, clean.tokens, corrupted.tokens)
     with torch.inference_mode():
         at_end = clean_cache.resid_final[torch.arange(len(clean)), clean.end]
