@@ -60,7 +60,6 @@ ANALYSES = {
     "faithfulness-by-template": lambda s: s.faithfulness_by_template(),
     "completeness": lambda s: s.completeness(),
     "minimality": lambda s: s.minimality(),
-    "circuit": lambda s: s.circuit().to_frame(),
 }
 PATCHING = {
     "resid": lambda s: s.residual_patching(),
@@ -102,6 +101,33 @@ def cmd_claims(args) -> None:
     emit(frame.drop(columns=["text"]).assign(sentence=sentences), args.json)
 
 
+def circuit_rows(study: Study, method: str | None) -> pd.DataFrame:
+    """One row per circuit head with its class and kept position; for the paper-way circuit also
+    the step that found it, its path effect and its score check. Without a method: the study's
+    circuit (the paper's 26 heads on GPT-2 small, the paper-way circuit elsewhere)."""
+    if method == "topk":
+        return study.found_circuit().to_frame()
+    if method is None and study.config.model == "gpt2-small":
+        return study.circuit().to_frame()
+    table = study.paper_circuit_table()
+    kept = table[table.kept].drop(columns=["kept"])
+    return study.paper_circuit().to_frame().merge(kept, on=["class", "layer", "head"])
+
+
+def cmd_circuit(args) -> None:
+    emit(circuit_rows(study_from(args), args.method), args.json)
+
+
+def cmd_curve(args) -> None:
+    study = study_from(args)
+    if args.json:
+        emit(study.faithfulness_curve(), True)
+    else:
+        emit(study.faithfulness_curve(), False)
+        print()
+        emit(study.faithfulness_curve_summary(), False)
+
+
 def cmd_reproduce(args) -> None:
     from ioi.reproduce import reproduce
 
@@ -121,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"the {name} analysis")
         add_study_arguments(p)
         p.set_defaults(func=cmd_analysis, analysis=name)
+
+    p = sub.add_parser("circuit", help="the circuit's heads by class (paper's on GPT-2 small, found the paper's way elsewhere)")
+    p.add_argument("--method", choices=["paths", "topk"], default=None,
+                   help="paths: path patching back from the logits; topk: the smallest top-k by activation patching")
+    add_study_arguments(p)
+    p.set_defaults(func=cmd_circuit)
+
+    p = sub.add_parser("curve", help="faithfulness of the top-k heads against k, per ranking and ablation")
+    add_study_arguments(p)
+    p.set_defaults(func=cmd_curve)
 
     p = sub.add_parser("patch", help="activation patching sweeps")
     p.add_argument("what", choices=sorted(PATCHING))

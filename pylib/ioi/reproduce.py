@@ -36,6 +36,9 @@ TABLES = {
     "faithfulness_by_template": lambda s: s.faithfulness_by_template(),
     "completeness": lambda s: s.completeness(),
     "minimality": lambda s: s.minimality(),
+    "paper_circuit_table": lambda s: s.paper_circuit_table(),
+    "faithfulness_curve": lambda s: s.faithfulness_curve(),
+    "faithfulness_curve_summary": lambda s: s.faithfulness_curve_summary(),
 }
 
 

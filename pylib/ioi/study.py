@@ -7,7 +7,7 @@ same numbers and share one results cache: a chapter that asks for `study.head_pa
     study = Study(StudyConfig(model="smollm2-135m", n=100, seed=0))
     study.baseline_summary()       # logit difference, IO probability, IO > S, with 95% CIs
     study.head_attributions()      # direct logit attribution per head
-    study.circuit()                # the paper's circuit on GPT-2 small, else one found the same way
+    study.circuit()                # the paper's circuit on GPT-2 small, else one found the paper's way
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ import pandas as pd
 from ioi import metrics
 from ioi.analyses import head_scores, logit_attribution
 from ioi.cache import cached
-from ioi.circuits import criteria
+from ioi.circuits import criteria, curve, paths_discovery
+from ioi.circuits.curve import CurveConfig
 from ioi.circuits.discovery import classify_heads, find_circuit
+from ioi.circuits.paths_discovery import PathsConfig
 from ioi.dataset import corrupt, make_dataset
-from ioi.engines import auto
+from ioi.engines import attribution, auto, check
 from ioi.models import load_model, trained_with_bos
 
 
@@ -43,6 +45,8 @@ class StudyConfig:
     top_heads: int = 20  # heads whose queries, keys, values and patterns are patched
     faithfulness_target: float = 0.8  # share of F(M) a found circuit must keep
     greedy_candidates: int | None = 10  # heads run exactly per greedy completeness step (None: all)
+    paths: PathsConfig = PathsConfig()  # thresholds of the paper-way circuit discovery
+    curve: CurveConfig = CurveConfig()  # grid and random seeds of the faithfulness curve
     device: str = "cpu"
 
 
@@ -207,39 +211,61 @@ class Study:
     # --- Path patching -------------------------------------------------------------------------
 
     @_analysis(uses=("n_path",))
-    def path_patching_to_logits(self) -> pd.DataFrame:
+    def path_sweep(self, receivers="logits", receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
+        """Every head before the receivers (from `first_layer` on) as the sender of one
+        path-patching sweep (fast, exact). The named sweeps below and the paper-way discovery
+        share these results."""
         clean, corrupted = self.path_data
-        return auto.path_patch_sweep(self.model, clean, corrupted, "logits")
+        if receivers != "logits":
+            receivers = [tuple(r) for r in receivers]
+        return auto.path_patch_sweep(
+            self.model, clean, corrupted, receivers, receiver_input or "q", receiver_position,
+            first_layer=first_layer,
+        )
+
+    def _sweep(self, receivers, receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
+        """`path_sweep` with receivers in one canonical form, so equal sweeps share a cache entry."""
+        if receivers == "logits":
+            return self.path_sweep("logits", None, None, first_layer)
+        receivers = tuple(sorted((int(l), int(h)) for l, h in receivers))
+        return self.path_sweep(receivers, receiver_input, receiver_position, first_layer)
+
+    def path_patching_to_logits(self) -> pd.DataFrame:
+        return self._sweep("logits")
 
     def name_movers(self) -> list[tuple[int, int]]:
         return list(self.circuit().classes.get("name mover", ()))
 
-    @_analysis(uses=("n_path",))
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
-        clean, corrupted = self.path_data
-        return auto.path_patch_sweep(
-            self.model, clean, corrupted, self.name_movers(), "q", "END"
-        )
+        return self._sweep(self.name_movers(), "q", "END")
 
-    @_analysis(uses=("n_path",))
     def path_patching_to_s_inhibition(self) -> pd.DataFrame:
         """Senders into the S-inhibition heads' values at S2: finds induction and
         duplicate-token heads."""
-        clean, corrupted = self.path_data
-        receivers = list(self.circuit().classes.get("S-inhibition", ()))
-        return auto.path_patch_sweep(self.model, clean, corrupted, receivers, "v", "S2")
+        return self._sweep(self.circuit().classes.get("S-inhibition", ()), "v", "S2")
 
     # --- The circuit ---------------------------------------------------------------------------
 
     def circuit(self) -> criteria.Circuit:
-        """The paper's 26-head circuit for GPT-2 small; for other models, the circuit found by
-        `ioi.circuits.discovery.find_circuit` (with the paper's classes assigned from head scores)."""
+        """The paper's 26-head circuit for GPT-2 small; for other models, the circuit found the
+        paper's way, by path patching back from the logits (`paper_circuit`)."""
         if self.config.model == "gpt2-small":
             return criteria.load_circuit()
-        return self.found_circuit()
+        return self.paper_circuit()
+
+    @_analysis(uses=("n_path", "paths"))
+    def paper_circuit_table(self) -> pd.DataFrame:
+        """The paper-way discovery's rows: each head over a step's threshold, its class, path
+        effect, scores, check and whether it was kept (`ioi.circuits.paths_discovery`)."""
+        return paths_discovery.paper_way_circuit(self._sweep, self.head_scores(), self.config.paths)
+
+    def paper_circuit(self) -> criteria.Circuit:
+        return paths_discovery.to_circuit(self.paper_circuit_table())
 
     def found_circuit(self) -> criteria.Circuit:
+        """The baseline procedure: the smallest top-k by |activation patching| reaching the
+        target faithfulness, classes from head scores (`ioi.circuits.discovery`)."""
         found = self._found_circuit_table()
         logit_diff = self.baseline().logit_diff.mean()
         return classify_heads(found[found.in_circuit], self.head_scores(), self.head_attributions(), logit_diff)
@@ -269,3 +295,42 @@ class Study:
     @_analysis
     def minimality(self) -> pd.DataFrame:
         return criteria.minimality(self.model, self.circuit(), self.clean, self.corrupted)
+
+    # --- Faithfulness against circuit size ------------------------------------------------------
+
+    @_analysis(uses=("n_path", "paths", "curve"))
+    def faithfulness_curve(self) -> pd.DataFrame:
+        """Faithfulness of the top-k heads of each ranking, under mean- and resample-ablation
+        (`ioi.circuits.curve`); the paper-way circuit (and on GPT-2 small the paper's) as points."""
+        model, clean, corrupted = self.model, self.clean, self.corrupted
+        cfg = self.config.curve
+        rankings = {
+            ("paths", None): paths_discovery.ranking(self.paper_circuit_table(), self.head_patching()),
+            ("activation patching", None): curve.by_size(self.head_patching(), "patched_metric"),
+        }
+        if check.use_fast(model, clean, corrupted):  # attribution patching runs on the fast model only
+            estimate = attribution.attribute(
+                model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token
+            ).head
+            estimates = pd.DataFrame(
+                [{"layer": l, "head": h, "estimate": float(estimate[l, h])}
+                 for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+            )
+            rankings[("attribution patching", None)] = curve.by_size(estimates, "estimate")
+        for seed, order in curve.random_rankings(model.cfg.n_layers, model.cfg.n_heads, cfg.random_seeds).items():
+            rankings[("random", seed)] = order
+        points = {"paths circuit": self.paper_circuit()}
+        if self.config.model == "gpt2-small":
+            points["paper circuit"] = criteria.load_circuit()
+        ablations = {
+            "mean": criteria.mean_ablation(model, clean, corrupted),
+            "resample": criteria.resampling(model, clean, corrupted),
+        }
+        n_heads = model.cfg.n_layers * model.cfg.n_heads
+        return curve.faithfulness_curve(
+            model, clean, corrupted, rankings, ablations, curve.k_grid(n_heads, cfg.points), points, self.config.seed
+        )
+
+    def faithfulness_curve_summary(self) -> pd.DataFrame:
+        n_heads = self.model.cfg.n_layers * self.model.cfg.n_heads
+        return curve.summarise(self.faithfulness_curve(), n_heads, self.config.curve.target)

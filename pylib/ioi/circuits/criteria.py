@@ -110,6 +110,15 @@ def group_means(model, reference: IOIDataset) -> dict:
     return {"means": means, "groups": groups}
 
 
+def resampled_values(model, reference: IOIDataset) -> dict:
+    """For resample-ablation, in `group_means`' format: each prompt's own reference (ABC) prompt's
+    head outputs, every prompt its own group. The hook-based reference for
+    `fast_ablation.prepare_resampled`."""
+    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+    _, cache = run_with_cache(model, reference, names)
+    return {"means": {name: cache[name] for name in names}, "groups": torch.arange(len(reference))}
+
+
 def keep_mask(model, circuit: Circuit, dataset: IOIDataset) -> Bool[Tensor, "layer batch pos head"]:
     """True where a head's output is kept: a circuit head at its class's position."""
     batch, width = dataset.tokens.shape
@@ -164,6 +173,17 @@ def mean_ablation(model, clean: IOIDataset, corrupted: IOIDataset) -> fast_ablat
     groups = torch.as_tensor(alignment_groups(corrupted))
     return fast_ablation.prepare(
         model, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens, groups
+    )
+
+
+def resampling(model, clean: IOIDataset, corrupted: IOIDataset) -> fast_ablation.MeanAblation | HookAblation:
+    """The clean prompts with each ablated head's output taken from the prompt's own ABC
+    counterpart (resample-ablation; Miller et al. 2024 compare it with mean-ablation): for the
+    fast engine where `ioi.engines.check` verifies it on this model, else for hooks."""
+    if not check.use_fast(model, clean, corrupted):
+        return HookAblation(resampled_values(model, corrupted))
+    return fast_ablation.prepare_resampled(
+        model, clean.tokens, clean.end, clean.io_token, clean.s_token, corrupted.tokens
     )
 
 

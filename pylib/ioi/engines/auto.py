@@ -48,7 +48,10 @@ def head_input_frame(model, clean, corrupted, heads: list[tuple[int, int]]) -> p
     return pd.concat(frames, ignore_index=True)[["layer", "head", "logit_diff", "activation"]]
 
 
-def path_patch_sweep(model, clean, corrupted, receivers="logits", receiver_input="q", receiver_position=None) -> pd.DataFrame:
-    if use_fast(model, clean, corrupted):
-        return fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, receiver_position)
-    return hooks_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, receiver_position)
+def path_patch_sweep(
+    model, clean, corrupted, receivers="logits", receiver_input="q", receiver_position=None, first_layer: int = 0,
+) -> pd.DataFrame:
+    engine = fast_paths if use_fast(model, clean, corrupted) else hooks_paths
+    return engine.path_patch_sweep(
+        model, clean, corrupted, receivers, receiver_input, receiver_position, first_layer=first_layer
+    )

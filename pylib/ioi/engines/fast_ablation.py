@@ -82,6 +82,22 @@ def prepare(
     return MeanAblation(fast, tokens, end, io_token, s_token, group_means(fast, reference_tokens, groups), by_length)
 
 
+def prepare_resampled(
+    model_or_fast,
+    tokens: Int[Tensor, "batch pos"],
+    end: Int[Tensor, " batch"],
+    io_token: Int[Tensor, " batch"],
+    s_token: Int[Tensor, " batch"],
+    reference_tokens: Int[Tensor, "batch pos"],
+) -> MeanAblation:
+    """Resample-ablation: each prompt takes its own reference (ABC) prompt's head outputs, not a
+    mean over a group. That is exactly `prepare` with every prompt its own group (a mean over one
+    prompt is that prompt's value), so every engine above runs it unchanged, and each prompt's
+    rows start where it differs from its own counterpart. `ioi.circuits.criteria.resampled_values`
+    is the hook-based reference."""
+    return prepare(model_or_fast, tokens, end, io_token, s_token, reference_tokens, torch.arange(len(tokens)))
+
+
 @reuse_last  # faithfulness, completeness and minimality of one study share them
 @torch.inference_mode()
 def group_means(

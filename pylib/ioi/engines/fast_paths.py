@@ -58,6 +58,12 @@ Head = tuple[int, int]  # (layer, head)
 COLUMNS = ["layer", "head", "logit_diff", "relative_change"]
 
 
+def empty_sweep() -> pd.DataFrame:
+    """A sweep with no senders (receivers in layer 0, or none), typed like a full one."""
+    return pd.DataFrame({"layer": pd.Series(dtype=int), "head": pd.Series(dtype=int),
+                         "logit_diff": pd.Series(dtype=float), "relative_change": pd.Series(dtype=float)})
+
+
 def path_patch_sweep(
     model,
     clean: IOIDataset,
@@ -66,6 +72,7 @@ def path_patch_sweep(
     receiver_input: str = "q",
     receiver_position: str | None = None,
     batch_size: int = 512,
+    first_layer: int = 0,
 ) -> pd.DataFrame:
     """`ioi.engines.hooks_paths.path_patch_sweep`, exactly (to float rounding), from cached forwards.
 
@@ -73,29 +80,30 @@ def path_patch_sweep(
     (layer, head, mean logit difference, change relative to the clean run). `batch_size` bounds
     the (sender x prompt) variants run at once. Fast for receivers "logits" and for (layer, head)
     receivers with receiver_input "q", "k" or "v" at any named position or at all positions
-    (None); any other receiver_input falls back to the hook-based reference."""
+    (None); any other receiver_input falls back to the hook-based reference. Senders in layers
+    below `first_layer` are skipped (no row), for sweeps that only need the later ones."""
     if receivers != "logits" and not receivers:
-        return pd.DataFrame(columns=COLUMNS)
+        return empty_sweep()
     if receivers != "logits" and receiver_input not in ("q", "k", "v"):
         return hooks_paths.path_patch_sweep(
-            model, clean, corrupted, receivers, receiver_input, receiver_position
+            model, clean, corrupted, receivers, receiver_input, receiver_position, first_layer
         )
     fast = as_fast(model)
     receivers = receivers if receivers == "logits" else [(int(l), int(h)) for l, h in receivers]
     last = fast.n_layers if receivers == "logits" else min(l for l, _ in receivers)
-    if last == 0:  # no head lies before a layer-0 receiver
-        return pd.DataFrame(columns=COLUMNS)
+    if last <= first_layer:  # no sender lies before the receivers
+        return empty_sweep()
     clean_cache, corrupted_cache = cached_runs(fast, clean.tokens, corrupted.tokens)
     with torch.inference_mode():
         at_end = clean_cache.resid_final[torch.arange(len(clean)), clean.end]
         clean_ld = logit_diff_at(fast, at_end, clean.io_token, clean.s_token).mean().item()
         values = _sweep(
             fast, clean, corrupted, clean_cache, corrupted_cache, receivers, receiver_input,
-            receiver_position, last, batch_size,
+            receiver_position, last, batch_size, first_layer,
         )
     rows = [
         {"layer": l, "head": h, "logit_diff": values[l, h].item()}
-        for l in range(last)
+        for l in range(first_layer, last)
         for h in range(fast.n_heads)
     ]
     out = pd.DataFrame(rows)
@@ -114,8 +122,10 @@ def _sweep(
     receiver_position: str | None,
     last: int,
     batch_size: int,
+    first_layer: int = 0,
 ) -> Float[Tensor, "layer head"]:
-    """Mean logit difference per sender head, for senders in layers < `last`."""
+    """Mean logit difference per sender head, for senders in layers first_layer..last-1 (rows
+    below first_layer are left zero)."""
     batch, n_heads = len(clean), fast.n_heads
     end = clean.end
     if receivers == "logits":
@@ -137,7 +147,7 @@ def _sweep(
             start = int(positions[group].min())
         out += _sweep_prompts(
             fast, clean, clean_cache, corrupted_cache, receivers, receiver_input, positions, start, last,
-            group, batch_size,
+            group, batch_size, first_layer,
         ) * len(group) / batch
     return out
 
@@ -154,13 +164,14 @@ def _sweep_prompts(
     last: int,
     prompts: Int[Tensor, " prompts"],
     batch_size: int,
+    first_layer: int = 0,
 ) -> Float[Tensor, "layer head"]:
     """`_sweep` on some of the prompts, carrying rows from `start` to their END in step 3 (END
     alone when start is None)."""
     n_heads, end = fast.n_heads, clean.end
-    out = torch.empty(last, n_heads, dtype=fast.W_E.dtype)
+    out = torch.zeros(last, n_heads, dtype=fast.W_E.dtype)
     heads_per_chunk = max(1, batch_size // len(prompts))
-    for layer in range(last):
+    for layer in range(first_layer, last):
         for first in range(0, n_heads, heads_per_chunk):
             heads = torch.arange(first, min(n_heads, first + heads_per_chunk))
             prompt = prompts.repeat(len(heads))

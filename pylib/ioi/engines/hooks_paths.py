@@ -31,6 +31,12 @@ from ioi.engines.hooks import run_with_cache
 Head = tuple[int, int]  # (layer, head)
 
 
+def _empty() -> pd.DataFrame:
+    """A sweep with no senders, typed like a full one."""
+    return pd.DataFrame({"layer": pd.Series(dtype=int), "head": pd.Series(dtype=int),
+                         "logit_diff": pd.Series(dtype=float), "relative_change": pd.Series(dtype=float)})
+
+
 def _z_hooks(model) -> list[str]:
     return [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
 
@@ -115,16 +121,20 @@ def path_patch_sweep(
     receivers: Sequence[Head] | str = "logits",
     receiver_input: str = "q",
     receiver_position: str | None = None,
+    first_layer: int = 0,
 ) -> pd.DataFrame:
-    """Each head in turn as the single sender (only heads in layers before every receiver).
+    """Each head in turn as the single sender (only heads in layers before every receiver, and
+    from `first_layer` on).
     One row per sender: mean logit difference and its change relative to the clean run."""
     if receivers != "logits" and not receivers:  # e.g. a found circuit without name movers
-        return pd.DataFrame(columns=["layer", "head", "logit_diff", "relative_change"])
+        return _empty()
     caches = (_z_cache(model, clean), _z_cache(model, corrupted))
     with torch.inference_mode():
         clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
     last = model.cfg.n_layers if receivers == "logits" else min(l for l, _ in receivers)
-    senders = [(l, h) for l in range(last) for h in range(model.cfg.n_heads)]
+    senders = [(l, h) for l in range(first_layer, last) for h in range(model.cfg.n_heads)]
+    if not senders:  # receivers in layer 0: no head lies before them
+        return _empty()
     rows = []
     for sender in tqdm(senders, desc="path patching", leave=False):
         ld = path_patch(

@@ -423,3 +423,36 @@ def study_figures(study) -> dict[str, alt.TopLevelMixin]:
         "circuit": circuit_diagram(*tables.circuit_graph(study)),
         "faithfulness_by_template": faithfulness_by_template(study.faithfulness_by_template()),
     }
+
+
+def faithfulness_curve_chart(frame: pd.DataFrame) -> alt.FacetChart:
+    """Faithfulness of the top-k heads against k (log scale), one line per ranking method with its
+    95% band, random as the mean over its seeds with the band of min and max over seeds; single
+    circuits (a method with one k) as diamonds; one panel per ablation; the 0.8 target dashed."""
+    curves = frame.groupby("method").k.transform("nunique") > 1
+    is_random = frame.method == "random"
+    columns = ["method", "ablation", "k", "faithfulness", "ci_low", "ci_high"]
+    spread = frame[is_random].groupby(["ablation", "k"]).faithfulness
+    random = spread.mean().rename("faithfulness").to_frame().assign(
+        ci_low=spread.min(), ci_high=spread.max(), method="random (mean; band: seeds)"
+    ).reset_index()
+    data = pd.concat([
+        frame[curves & ~is_random][columns].assign(kind="curve"),
+        random[columns].assign(kind="curve"),
+        frame[~curves][columns].assign(kind="point"),
+    ], ignore_index=True)
+    x = alt.X("k:Q", scale=alt.Scale(type="log"), title="heads kept (k, log scale)")
+    tooltip = ["method", "ablation", "k", alt.Tooltip("faithfulness:Q", format=".2f")]
+    base = alt.Chart().encode(x=x)
+    on_curve = base.transform_filter(alt.datum.kind == "curve")
+    band = on_curve.mark_area(opacity=0.15).encode(
+        y=alt.Y("ci_low:Q", title="faithfulness F(C) / F(M)"), y2="ci_high:Q", color=alt.Color("method:N", title="ranking")
+    )
+    line = on_curve.mark_line(point=True).encode(y="faithfulness:Q", color="method:N", tooltip=tooltip)
+    points = base.transform_filter(alt.datum.kind == "point").mark_point(
+        shape="diamond", size=90, filled=True, color="black"
+    ).encode(y="faithfulness:Q", tooltip=tooltip)
+    target = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y=alt.datum(0.8))
+    return alt.layer(band, line, points, target, data=data).properties(width=WIDTH, height=WIDTH * 0.7).facet(
+        column=alt.Column("ablation:N", title="ablation")
+    )
