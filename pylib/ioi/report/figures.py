@@ -421,6 +421,7 @@ def study_figures(study) -> dict[str, alt.TopLevelMixin]:
         "attention": attention_heatmap(patterns),
         "scores": scores_strip(tables.scores_long(study)),
         "circuit": circuit_diagram(*tables.circuit_graph(study)),
+        "faithfulness_curve": faithfulness_curve_chart(study.faithfulness_curve()),
         "faithfulness_by_template": faithfulness_by_template(study.faithfulness_by_template()),
     }
 

@@ -303,3 +303,30 @@ def family_phrases(ext=None, ext_study=None, classes=None, scores=None, template
         order_difference=ci_text(diff.faithfulness, diff.faithfulness_ci_low, diff.faithfulness_ci_high),
     )
     return phrases
+
+
+def circuit_origin(circuit, table: pd.DataFrame | None, paths_config) -> Md:
+    """Where the study's circuit comes from, for prose: the paper's heads (`table` None), or the
+    paper-way discovery (`ioi.circuits.paths_discovery`) with its thresholds and flagged heads."""
+    n = len(circuit.heads)
+    if table is None:
+        return Md(f"the paper's {n} heads")
+    kept = table[table.kept]
+    flagged = int((~kept.check.astype(bool)).sum())
+    c = paths_config
+    return Md(
+        f"found the paper's way, backwards from the answer by path patching: {n} heads, each kept because its path "
+        f"into the logits (at least {pct(c.logits_share)} of the logit difference), into the name movers' queries "
+        f"(at least {pct(c.queries_share)}), or into the S-inhibition heads' values or the induction heads' keys "
+        f"(at least {pct(c.values_share)}) carries the signal, and classed by that path; "
+        f"{flagged} of them fail their class's attention or copy-score check and are kept but flagged"
+    )
+
+
+def curve_summary(summary: pd.DataFrame, ablation: str = "mean") -> Md:
+    """'paths 6, activation patching 12, ... heads' (the smallest k reaching the target per
+    ranking) and their areas, for one ablation of `Study.faithfulness_curve_summary`."""
+    rows = summary[summary.ablation == ablation]
+    reach = [f"{r.method} {'never' if pd.isna(r.smallest_k) else int(r.smallest_k)}" for r in rows.itertuples()]
+    areas = [f"{r.method} {fmt(r.area)}" for r in rows.itertuples()]
+    return Md(f"{listing(reach)} heads; areas under the curve {listing(areas)}")
