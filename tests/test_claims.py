@@ -2,6 +2,7 @@
 rules file matches the predicates, and a study's claims table fills every sentence."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -204,6 +205,8 @@ def test_every_claim_has_a_predicate_a_rule_and_a_sentence_per_verdict():
     for spec in specs:
         assert set(spec["text"]) == set(C.VERDICTS), spec["id"]
         spec["rule"].format(**spec["thresholds"])  # every placeholder of the rule is a threshold
+        for sentence in spec["text"].values():  # read as a leaked Python None by the render test
+            assert not re.search(r"\bNone\b", sentence), (spec["id"], sentence)
 
 
 def test_claims_on_a_tiny_study_fill_every_sentence(tiny_study):
