@@ -193,8 +193,8 @@ def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_d
     position leads is decided by the largest value, so a negative column cannot trigger it."""
     if residual is None or not len(residual):
         return NOT_MEASURED
-    wide = residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
-    handover = handover_layer(residual)
+    wide = _by_layer(residual)
+    handover = _handover(wide)
     if handover is None:  # END never leads to the end: no handover at all
         return Finding("not reproduced", float("nan"), unit="depth", facts={"layer": "none", "carrier": "no position"})
     before = wide.loc[wide.index < handover]
@@ -206,10 +206,18 @@ def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_d
     return Finding(verdict, depth, unit="depth", facts={"layer": handover, "carrier": carrier})
 
 
+def _by_layer(residual: pd.DataFrame) -> pd.DataFrame:
+    """Restored share by layer (rows) and position (columns)."""
+    return residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
+
+
 def handover_layer(residual: pd.DataFrame) -> int | None:
     """The first layer from which END restores the most of all positions at every later layer
     (`residual`: layer, position, patched_metric); None if END does not lead at the last layer."""
-    wide = residual.pivot(index="layer", columns="position", values="patched_metric").sort_index()
+    return _handover(_by_layer(residual))
+
+
+def _handover(wide: pd.DataFrame) -> int | None:
     not_end = np.flatnonzero((wide.idxmax(axis=1) != "END").to_numpy())
     if not len(not_end):
         return int(wide.index[0])

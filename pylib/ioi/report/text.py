@@ -131,9 +131,10 @@ def strongest_senders(paths: pd.DataFrame, k: int = 3) -> dict:
 
 
 def _num(x, digits: int = 2, percent: bool = False) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
+    """`pct` or `fmt` with a fixed number of decimals (an integer prints as 3.00 here)."""
+    if x is None:
         return "n/a"
-    return (f"{100 * x:.0f}%" if percent else f"{x:.{digits}f}").replace("-", "−")
+    return str(pct(x) if percent else fmt(float(x), digits))
 
 
 def ci_text(mean, low, high, digits: int = 2, percent: bool = False):
