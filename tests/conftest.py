@@ -4,8 +4,8 @@ real tokenizers, so that every invariant runs in seconds on a CPU without downlo
 import pytest
 import torch
 from transformers import (
-    AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-    LlamaForCausalLM,
+    AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+    GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM,
 )
 
 from ioi.dataset import corrupt, make_dataset
@@ -58,7 +58,34 @@ def tiny_neox():
     return bridge
 
 
-@pytest.fixture(scope="session", params=["tiny_gpt2", "tiny_llama", "tiny_neox"])
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """Gemma 3 (text) architecture: embeddings scaled by sqrt(d_model), (1 + w) RMSNorms before
+    and after attention and MLP, query/key norms, a GeGLU MLP, one key/value head, sliding-window
+    layers (a window of 4 tokens, so that it bites on IOI prompts) beside a global layer with its
+    own rotary base, and attention scaled by query_pre_attn_scalar (256) rather than d_head (16).
+    3 layers x 4 heads, d_model 64, GPT-2's tokenizer. Its norm weights are random, as a trained
+    model's are not zero."""
+    config = Gemma3TextConfig(
+        vocab_size=50304, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+
+    def build():
+        model = Gemma3ForCausalLM(config)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "norm" in name:
+                    parameter.normal_(0, 0.5)
+        return model
+
+    bridge = from_hf_model(_seeded(build), gpt2_tokenizer_directory())
+    bridge.ioi_name = "tiny-gemma3"
+    return bridge
+
+
+@pytest.fixture(scope="session", params=["tiny_gpt2", "tiny_llama", "tiny_neox", "tiny_gemma3"])
 def tiny_model(request):
     """Each tiny model in turn: tests that take it run on every architecture."""
     return request.getfixturevalue(request.param)

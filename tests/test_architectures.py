@@ -6,13 +6,12 @@ import pytest
 import torch
 from conftest import _seeded, make_pair
 from transformers import (
-    AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig, GPTNeoXForCausalLM,
+    AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig, GemmaForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM,
     OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
 from ioi import models
 from ioi.engines import auto, check, fast, hooks
-from ioi.metrics import logit_diff
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -48,6 +47,13 @@ def tiny_gemma3(tmp_path_factory):
     return _load(tmp_path_factory, "gemma3", lambda: Gemma3ForCausalLM(config))
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """Gemma (v1): embedding scale and (1 + w) norms like Gemma 3, but not implemented here."""
+    config = GemmaConfig(vocab_size=50304, head_dim=16, num_key_value_heads=1, **SMALL)
+    return _load(tmp_path_factory, "gemma", lambda: GemmaForCausalLM(config))
+
+
 def test_fast_logits_equal_the_bridge(fast_model):
     """Qwen2, OPT, GPT-NeoX: the fast model's full logits are the bridge's."""
     clean, _ = make_pair(fast_model)
@@ -65,25 +71,31 @@ def test_fast_head_sweep_equals_hooks(fast_model):
     torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values), atol=1e-4, rtol=0)
 
 
-def test_gemma3_is_refused_by_name(tiny_gemma3):
-    found = ", ".join(check.unsupported_features(tiny_gemma3))
-    for feature in ("sliding-window", "query/key norms", "post-norms", "embedding scale"):
-        assert feature in found
-
-
-def test_gemma3_study_engines_fall_back_to_hooks(tiny_gemma3):
-    """On Gemma 3 the study's head sweep is the hook reference's, and the clean run behind it
-    is the Hugging Face model's."""
+def test_gemma3_is_exact_in_the_fast_engines(tiny_gemma3):
+    """Loaded from its directory as a user would: the fast engines pass the check, their full
+    logits are the Hugging Face model's, and the study's head sweep is the hook reference's."""
     clean, corrupted = make_pair(tiny_gemma3, n=6)
-    with pytest.warns(UserWarning, match="hook-based reference"):
-        got = auto.head_out_frame(tiny_gemma3, clean, corrupted)
-    expected = hooks.patch_head_outputs(tiny_gemma3, clean, corrupted)
-    torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values))
+    assert check.unsupported_features(tiny_gemma3) == [] and check.verify(tiny_gemma3, clean, corrupted).fast
     with torch.inference_mode():
-        ours = logit_diff(tiny_gemma3(clean.tokens), clean)
         original = Gemma3ForCausalLM.from_pretrained(tiny_gemma3.ioi_name).eval()  # its directory
-        hf = logit_diff(original(clean.tokens).logits, clean)
-    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=0)
+        expected = original(clean.tokens).logits
+    # the bridge centres the unembedding (logits move by a constant per position): compare log-probabilities
+    got = fast.logits(fast.as_fast(tiny_gemma3), clean.tokens)
+    torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=0)
+    got = auto.head_out_frame(tiny_gemma3, clean, corrupted)
+    reference = hooks.patch_head_outputs(tiny_gemma3, clean, corrupted)
+    torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(reference.logit_diff.values), atol=1e-4, rtol=0)
+
+
+def test_gemma_v1_is_refused_and_falls_back_to_hooks(tiny_gemma):
+    """Gemma (v1) shares Gemma 3's embedding scale and norms but not its layout: the fast
+    engines name it and refuse, and the study runs the hook reference with one warning."""
+    assert "gemma" in ", ".join(check.unsupported_features(tiny_gemma))
+    clean, corrupted = make_pair(tiny_gemma, n=6)
+    with pytest.warns(UserWarning, match="hook-based reference"):
+        got = auto.head_out_frame(tiny_gemma, clean, corrupted)
+    expected = hooks.patch_head_outputs(tiny_gemma, clean, corrupted)
+    torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values))
 
 
 def test_gemma3_direct_logit_attribution_is_refused(tiny_gemma3):

@@ -77,10 +77,10 @@ def test_curve_points_equal_faithfulness_of_their_circuit(tiny_model, data, fram
         for k in sorted(frame.k[frame.method == "backward"].unique()):
             row = frame[(frame.method == "backward") & (frame.ablation == name) & (frame.k == k)].iloc[0]
             expected = C.faithfulness(tiny_model, C.Circuit({"c": tuple(heads[:k])}, {"c": "ALL"}), clean, corrupted, ablation=ablation)
-            assert row.faithfulness == pytest.approx(expected["faithfulness"], abs=1e-6)
+            assert row.faithfulness == pytest.approx(expected["faithfulness"], abs=1e-5)  # float32, stacked vs single runs
             # the same bootstrap draws; float32 rounding of stacked vs single runs moves a ratio's
-            # percentile by ~1e-6
-            assert (row.ci_low, row.ci_high) == pytest.approx((expected["faithfulness_ci_low"], expected["faithfulness_ci_high"]), abs=1e-4)
+            # percentile by ~1e-6 of its size
+            assert (row.ci_low, row.ci_high) == pytest.approx((expected["faithfulness_ci_low"], expected["faithfulness_ci_high"]), abs=1e-4, rel=1e-5)
         point = frame[(frame.method == "point") & (frame.ablation == name)].iloc[0]
         expected = C.faithfulness(tiny_model, C.Circuit({"x": ((0, 1), (2, 0))}, {"x": "END"}), clean, corrupted, ablation=ablation)
         assert point.k == 2 and point.faithfulness == pytest.approx(expected["faithfulness"], abs=1e-6)

@@ -9,6 +9,13 @@ from ioi.analyses import logit_attribution as dla
 from ioi.metrics import logit_diff
 
 
+@pytest.fixture(scope="module", params=["tiny_gpt2", "tiny_llama", "tiny_neox"])
+def tiny_model(request):
+    """The architectures whose heads write additively to the residual stream (Gemma 3's pass
+    through a norm, and the attribution refuses it: see test_architectures)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
 def clean(tiny_model):
     return make_pair(tiny_model, n=8)[0]

@@ -287,6 +287,8 @@ def from_hf_model(
     """Wrap an in-memory Hugging Face model (random weights, a test model) in a bridge that
     takes its tokenizer from `tokenizer_dir`."""
     model = model.to(device=device, dtype=dtype).eval()
+    if not getattr(model.config, "architectures", None):  # a model built in memory, never saved:
+        model.config.architectures = [type(model).__name__]  # the bridge picks its adapter by it
     return _boot(str(tokenizer_dir), device, dtype, hf_model=model)
 
 

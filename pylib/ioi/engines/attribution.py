@@ -61,13 +61,13 @@ def _forward(fast: fastlib.FastModel, tokens: Tensor, keep_grad: bool):
         resid.requires_grad_(True)  # the weights are frozen: grads flow from here on
     acts = {name: [] for name in ACTIVATIONS}
     for layer in fast.layers:
-        x = fastlib.norm(fast, resid)
+        x = fastlib.attn_input(fast, layer, resid)
         q = fastlib.queries(fast, layer, x, pos)
         k, v = fastlib.keys_values(fast, layer, x, pos)
-        z = fastlib.attend(fastlib.attention_pattern(q, k, pos), v)
-        attn_out = fastlib.head_out(layer, z)
+        z = fastlib.attend(fastlib.attention_pattern(fast, layer, q, k, pos), v)
+        attn_out = fastlib.head_out(fast, layer, z)
         mid = resid + attn_out
-        mlp_out = fastlib.mlp(fast, layer, fastlib.mlp_input(fast, resid, mid))
+        mlp_out = fastlib.mlp(fast, layer, fastlib.mlp_input(fast, layer, resid, mid))
         for name, value in zip(ACTIVATIONS, (resid, q, k, v, z, attn_out, mlp_out)):
             if keep_grad:
                 value.retain_grad()

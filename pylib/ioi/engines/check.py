@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ioi.engines.fast import GEMMA3
+
 # float32 logits of a few units agree to ~1e-5 when the computation is the same; a missing
 # feature moves them by 1e-2 or more (GPT-Neo's local attention: 0.03; Gemma's embedding scale: 0.7)
 TOLERANCE = 1e-3
@@ -58,7 +60,8 @@ def unsupported_features(model) -> list[str]:
         found.append(f"activation {cfg.act_fn!r}")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         found.append(f"positional embedding {cfg.positional_embedding_type!r}")
-    if not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg):
+    gemma3 = getattr(hf, "model_type", None) in GEMMA3  # read from its own weights and config
+    if not gemma3 and (not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg)):
         found.append("attention scale other than sqrt(d_head)")
     if hf is not None:
         found += _hf_features(model, hf)
@@ -73,16 +76,17 @@ def _default_attn_scale(cfg) -> bool:
 def _hf_features(model, hf) -> list[str]:
     found = []
     kind = getattr(hf, "model_type", "?")
+    gemma3 = kind in GEMMA3  # its windows, norms and embedding scale are implemented
     types = set(getattr(hf, "attention_layers", None) or []) | set(getattr(hf, "layer_types", None) or [])
-    if {"local", "sliding_attention"} & types or getattr(hf, "use_sliding_window", False):
+    if not gemma3 and ({"local", "sliding_attention"} & types or getattr(hf, "use_sliding_window", False)):
         found.append("local (sliding-window) attention")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(hf, name, None) is not None:
             found.append(f"{name.replace('_', ' ')}")
     if kind == "gpt_neo":  # its attention scores are not divided by sqrt(d_head)
         found.append("unscaled attention scores")
-    if kind.startswith("gemma"):
-        found.append("embedding scale sqrt(d_model) and Gemma's (1 + w) RMSNorm")
+    if kind.startswith("gemma") and not gemma3:
+        found.append(f"{kind}'s architecture (only Gemma 3 is implemented)")
     if getattr(hf, "parallel_attn", False) and kind != "gpt_neox":  # NeoX's is implemented
         found.append("parallel attention and MLP")
     if getattr(hf, "do_layer_norm_before", True) is False:
@@ -95,9 +99,9 @@ def _hf_features(model, hf) -> list[str]:
     if getattr(hf, "alibi", False) or kind in ("bloom", "mpt"):
         found.append("ALiBi attention biases")
     modules = [name.rsplit(".", 1)[-1] for name, _ in model.original_model.named_modules()]
-    if {"q_norm", "k_norm", "q_layernorm", "k_layernorm"} & set(modules):
+    if not gemma3 and {"q_norm", "k_norm", "q_layernorm", "k_layernorm"} & set(modules):
         found.append("query/key norms")
-    if "post_feedforward_layernorm" in modules:
+    if not gemma3 and "post_feedforward_layernorm" in modules:
         found.append("post-norms around attention and MLP")
     return found
 

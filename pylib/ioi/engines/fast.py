@@ -71,10 +71,26 @@ class Layer:
     # SwiGLU's [W_gate | W_in], of which those two are views: one matrix product for both
     # halves is ~6% faster on a CPU
     W_gate_in: Float[Tensor, "d_model two_d_mlp"] | None = None
+    # Gemma 3, read unprocessed: weighted RMSNorms before attention and MLP (elsewhere folded into
+    # W_Q/K/V and W_in), norms after them that no processing can fold, query and key norms, and
+    # a rotary table and attention window of the layer's own (sliding-window or global layer)
+    attn_norm_w: Float[Tensor, " d_model"] | None = None
+    mlp_norm_w: Float[Tensor, " d_model"] | None = None
+    attn_post_norm_w: Float[Tensor, " d_model"] | None = None
+    mlp_post_norm_w: Float[Tensor, " d_model"] | None = None
+    q_norm_w: Float[Tensor, " d_head"] | None = None
+    k_norm_w: Float[Tensor, " d_head"] | None = None
+    rotary_cos: Float[Tensor, "n_ctx d_head"] | None = None
+    rotary_sin: Float[Tensor, "n_ctx d_head"] | None = None
+    window: int | None = None  # a key is seen from at most window - 1 positions later
 
     def __post_init__(self):
         if (self.W_gate is None) != (self.W_gate_in is None):
             raise ValueError("a SwiGLU layer needs both W_gate and the fused W_gate_in; a plain MLP neither")
+
+
+# The per-layer weights a bridge exposes as stacked properties (`bridge.W_Q`, ...).
+BRIDGE_WEIGHTS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_in", "b_in", "W_gate", "W_out", "b_out")
 
 
 @dataclass(frozen=True)
@@ -91,6 +107,12 @@ class FastModel:
     act_fn: str
     # GPT-NeoX (Pythia): attention and MLP both read the residual stream before the layer
     parallel: bool = False
+    # Gemma 3: embeddings scaled by sqrt(d_model), the final norm's weight (unfolded), norms that
+    # scale by (1 + w) rather than w, and attention scores divided by sqrt(query_pre_attn_scalar)
+    embed_scale: float = 1.0
+    final_norm_w: Float[Tensor, " d_model"] | None = None
+    norm_offset: float = 0.0
+    attn_scale: float | None = None  # None: sqrt(d_head)
 
     @property
     def n_layers(self) -> int:
@@ -111,11 +133,15 @@ def _from_bridge(bridge) -> FastModel:
     """The weights of a `TransformerBridge` in compatibility mode, as a `FastModel`.
 
     The bridge's stacked properties (`W_Q`, ... `W_U`) are exactly the processed weights its own
-    forward uses; bias-free models (Llama) expose no biases, so those are zeros here."""
+    forward uses; bias-free models (Llama) expose no biases, so those are zeros here. Gemma 3 is
+    read from the Hugging Face model instead: its post-norms cannot be folded into weights, and
+    TransformerLens's processing of it is not to be trusted (see `ioi.models`)."""
+    if is_gemma3(bridge):
+        return _from_gemma3(bridge.original_model, bridge.W_E.dtype)
     cfg = bridge.cfg
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         raise NotImplementedError(f"normalization_type {cfg.normalization_type!r}")
-    stacked = {name: _stacked(bridge, name) for name in Layer.__dataclass_fields__ if name != "W_gate_in"}
+    stacked = {name: _stacked(bridge, name) for name in BRIDGE_WEIGHTS}
     gate_in = None
     if stacked["W_gate"] is not None:
         gate_in = torch.cat([stacked["W_gate"], stacked["W_in"]], dim=-1)
@@ -140,6 +166,70 @@ def _from_bridge(bridge) -> FastModel:
         eps=float(cfg.eps),
         act_fn=str(cfg.act_fn),
         parallel=bool(getattr(cfg, "parallel_attn_mlp", False)),
+    )
+
+
+GEMMA3 = ("gemma3", "gemma3_text")
+
+
+def is_gemma3(bridge) -> bool:
+    hf = getattr(getattr(bridge, "original_model", None), "config", None)
+    return getattr(hf, "model_type", None) in GEMMA3
+
+
+def _from_gemma3(hf_model, dtype: torch.dtype) -> FastModel:
+    """Gemma 3's unprocessed Hugging Face weights in TransformerLens shapes, with its norms'
+    weights, per-layer rotary tables and attention windows."""
+    config = hf_model.config.get_text_config()
+    body = hf_model.model if hasattr(hf_model.model, "layers") else hf_model.model.language_model
+    n_heads, n_kv, d_head = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    n = min(int(config.max_position_embeddings), MAX_ROTARY_POSITIONS)
+    probe, positions = torch.zeros(1, n, 1, dtype=dtype), torch.arange(n)[None]
+    tables = {kind: tuple(t[0].to(dtype) for t in body.rotary_emb(probe, positions, kind))
+              for kind in set(config.layer_types)}
+
+    def w(linear: torch.nn.Module) -> Tensor:
+        return linear.weight.detach().to(dtype)
+
+    def per_head(linear, heads: int) -> Tensor:  # [heads * d_head, d_model] -> [heads, d_model, d_head]
+        return w(linear).view(heads, d_head, -1).transpose(1, 2)
+
+    layers = []
+    for i, block in enumerate(body.layers):
+        attn, mlp = block.self_attn, block.mlp
+        kind = config.layer_types[i]
+        gate_in = torch.cat([w(mlp.gate_proj).T, w(mlp.up_proj).T], dim=-1)
+        d_mlp, d_model = mlp.up_proj.out_features, config.hidden_size
+        zeros = functools.partial(torch.zeros, dtype=dtype)
+        layers.append(Layer(
+            W_Q=per_head(attn.q_proj, n_heads), b_Q=zeros(n_heads, d_head),
+            W_K=per_head(attn.k_proj, n_kv), b_K=zeros(n_kv, d_head),
+            W_V=per_head(attn.v_proj, n_kv), b_V=zeros(n_kv, d_head),
+            W_O=w(attn.o_proj).view(d_model, n_heads, d_head).permute(1, 2, 0), b_O=zeros(d_model),
+            W_in=gate_in[:, d_mlp:], b_in=zeros(d_mlp), W_gate=gate_in[:, :d_mlp],
+            W_out=w(mlp.down_proj).T, b_out=zeros(d_model), W_gate_in=gate_in,
+            attn_norm_w=w(block.input_layernorm), mlp_norm_w=w(block.pre_feedforward_layernorm),
+            attn_post_norm_w=w(block.post_attention_layernorm),
+            mlp_post_norm_w=w(block.post_feedforward_layernorm),
+            q_norm_w=w(attn.q_norm), k_norm_w=w(attn.k_norm),
+            rotary_cos=tables[kind][0], rotary_sin=tables[kind][1],
+            window=config.sliding_window if kind == "sliding_attention" else None,
+        ))
+    embedding = w(body.embed_tokens)
+    return FastModel(
+        layers=tuple(layers),
+        W_E=embedding,
+        W_pos=None, rotary_cos=None, rotary_sin=None,
+        W_U=w(hf_model.lm_head).T,
+        b_U=torch.zeros(embedding.shape[0], dtype=dtype),
+        norm_type="RMS",
+        eps=float(config.rms_norm_eps),
+        act_fn=str(config.hidden_activation),
+        # as Gemma3TextScaledWordEmbedding: sqrt(d_model) as a float32 tensor, then the weights' dtype
+        embed_scale=torch.tensor(config.hidden_size**0.5).to(dtype).item(),
+        final_norm_w=w(body.norm),
+        norm_offset=1.0,
+        attn_scale=float(config.query_pre_attn_scalar) ** 0.5,
     )
 
 
@@ -196,27 +286,47 @@ def _rotary_module(hf_model) -> torch.nn.Module:
 
 def embed(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     resid = fast.W_E[tokens]
+    if fast.embed_scale != 1.0:
+        resid = resid * fast.embed_scale
     if fast.W_pos is not None:
         resid = resid + fast.W_pos[: tokens.shape[1]]
     return resid
 
 
-def norm(fast: FastModel, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-    """LayerNorm or RMSNorm with the scale folded away (it lives in the next weights)."""
+def norm(fast: FastModel, x: Float[Tensor, "... d"], weight: Float[Tensor, " d"] | None = None) -> Float[Tensor, "... d"]:
+    """LayerNorm or RMSNorm, with its scale folded into the next weights (weight None), or
+    applied here: x * w, or x * (1 + w) in Gemma."""
     if fast.norm_type == "LN":
         x = x - x.mean(-1, keepdim=True)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fast.eps)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + fast.eps)
+    return x if weight is None else x * (fast.norm_offset + weight)
 
 
-def rotate(fast: FastModel, x: Float[Tensor, "batch row head d_head"], pos: Int[Tensor, "batch row"]):
-    """Rotary position embedding, Hugging Face's half-split convention, on the first
-    `rotary_cos.shape[-1]` dimensions of each head (all of them but in Pythia)."""
-    if fast.rotary_cos is None:
+def attn_input(fast: FastModel, layer: Layer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """What the layer's attention reads: the normalised residual stream."""
+    return norm(fast, resid, layer.attn_norm_w)
+
+
+def mlp_input(fast: FastModel, layer: Layer, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
+    """The normalised MLP input: from the residual after attention, or, in a parallel block
+    (GPT-NeoX), from the one before it."""
+    return norm(fast, resid_pre if fast.parallel else resid_mid, layer.mlp_norm_w)
+
+
+def rotate(fast: FastModel, layer: Layer, x: Float[Tensor, "batch row head d_head"], pos: Int[Tensor, "batch row"]):
+    """Rotary position embedding, Hugging Face's half-split convention, with the layer's own
+    tables (Gemma 3) or the model's, on the first `rotary_cos.shape[-1]` dimensions of each head
+    (all of them but in Pythia)."""
+    table_cos, table_sin = (layer.rotary_cos, layer.rotary_sin) if layer.rotary_cos is not None else (fast.rotary_cos, fast.rotary_sin)
+    if table_cos is None:
         return x
-    cos, sin = fast.rotary_cos[pos][:, :, None], fast.rotary_sin[pos][:, :, None]
+    return _rotate(x, table_cos[pos][:, :, None], table_sin[pos][:, :, None])
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     width = cos.shape[-1]
     if width < x.shape[-1]:
-        return torch.cat((rotate(fast, x[..., :width], pos), x[..., width:]), dim=-1)
+        return torch.cat((_rotate(x[..., :width], cos, sin), x[..., width:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -226,25 +336,37 @@ def keys_values(
 ) -> tuple[Float[Tensor, "batch row kv_head d_head"], Float[Tensor, "batch row kv_head d_head"]]:
     k = torch.einsum("brd,hde->brhe", x, layer.W_K) + layer.b_K
     v = torch.einsum("brd,hde->brhe", x, layer.W_V) + layer.b_V
-    return rotate(fast, k, pos), v
+    if layer.k_norm_w is not None:
+        k = norm(fast, k, layer.k_norm_w)
+    return rotate(fast, layer, k, pos), v
 
 
 def queries(
     fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"], pos: Int[Tensor, "batch row"]
 ) -> Float[Tensor, "batch row head d_head"]:
-    return rotate(fast, torch.einsum("brd,hde->brhe", x, layer.W_Q) + layer.b_Q, pos)
+    q = torch.einsum("brd,hde->brhe", x, layer.W_Q) + layer.b_Q
+    if layer.q_norm_w is not None:
+        q = norm(fast, q, layer.q_norm_w)
+    return rotate(fast, layer, q, pos)
 
 
 def attention_pattern(
+    fast: FastModel,
+    layer: Layer,
     q: Float[Tensor, "batch row head d_head"],
     k: Float[Tensor, "batch key kv_head d_head"],
     pos: Int[Tensor, "batch row"],
 ) -> Float[Tensor, "batch head row key"]:
-    """Each row's heads attend causally (keys at positions <= the row's position)."""
+    """Each row's heads attend causally (keys at positions <= the row's position, and within
+    the layer's window if it has one)."""
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # query head h reads kv head h//group
-    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / math.sqrt(q.shape[-1])
-    future = torch.arange(k.shape[1], device=pos.device)[None, None, None] > pos[:, None, :, None]
-    return scores.masked_fill(future, float("-inf")).softmax(-1)
+    scale = fast.attn_scale if fast.attn_scale is not None else math.sqrt(q.shape[-1])
+    scores = torch.einsum("brhe,bkhe->bhrk", q, k) / scale
+    key = torch.arange(k.shape[1], device=pos.device)[None, None, None]
+    hidden = key > pos[:, None, :, None]
+    if layer.window is not None:
+        hidden = hidden | (key <= pos[:, None, :, None] - layer.window)
+    return scores.masked_fill(hidden, float("-inf")).softmax(-1)
 
 
 def attend(
@@ -263,24 +385,40 @@ def attention_z(
     v: Float[Tensor, "batch key kv_head d_head"],
 ) -> Float[Tensor, "batch row head d_head"]:
     """Each row's heads attend causally over `k`, `v` (grouped-query attention)."""
-    return attend(attention_pattern(queries(fast, layer, x, pos), k, pos), v)
+    return attend(attention_pattern(fast, layer, queries(fast, layer, x, pos), k, pos), v)
 
 
-def head_out(layer: Layer, z: Float[Tensor, "batch row head d_head"]) -> Float[Tensor, "batch row d_model"]:
-    return torch.einsum("brhe,hed->brd", z, layer.W_O) + layer.b_O
+def head_out(fast: FastModel, layer: Layer, z: Float[Tensor, "batch row head d_head"]) -> Float[Tensor, "batch row d_model"]:
+    """The attention layer's output: its heads' sum, then Gemma 3's post-attention norm. With
+    that norm a head's contribution is not additive: patch z, then call this."""
+    out = torch.einsum("brhe,hed->brd", z, layer.W_O) + layer.b_O
+    return out if layer.attn_post_norm_w is None else norm(fast, out, layer.attn_post_norm_w)
+
+
+def head_out_changes(
+    fast: FastModel,
+    layer: Layer,
+    z: Float[Tensor, "batch pos head d_head"],
+    dz: Float[Tensor, "batch pos head d_head"],
+    heads: slice,
+) -> Float[Tensor, "chosen batch pos d_model"]:
+    """The change of the layer's output from adding dz to one head's z at a time, for each of
+    `heads`: dz @ W_O where the output is additive in heads, else recomputed with the norm."""
+    if layer.attn_post_norm_w is None:
+        return torch.einsum("bphe,hed->hbpd", dz[:, :, heads], layer.W_O[heads])
+    chosen = torch.arange(z.shape[2])[heads]
+    patched = z[None].repeat(len(chosen), 1, 1, 1, 1)
+    patched[torch.arange(len(chosen)), :, :, chosen] += dz[:, :, chosen].movedim(2, 0)
+    return head_out(fast, layer, patched.flatten(0, 1)).unflatten(0, (len(chosen), -1)) - head_out(fast, layer, z)
 
 
 def mlp(fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"]) -> Float[Tensor, "batch row d_model"]:
-    if layer.W_gate_in is not None:  # SwiGLU: act(gate) * up
+    if layer.W_gate_in is not None:  # SwiGLU / GeGLU: act(gate) * up
         gate, up = (x @ layer.W_gate_in).chunk(2, dim=-1)
-        return (_act(fast, gate) * (up + layer.b_in)) @ layer.W_out + layer.b_out
-    return _act(fast, x @ layer.W_in + layer.b_in) @ layer.W_out + layer.b_out
-
-
-def mlp_input(fast: FastModel, resid_pre: Tensor, resid_mid: Tensor) -> Tensor:
-    """The normalised MLP input: from the residual after attention, or, in a parallel block
-    (GPT-NeoX), from the one before it."""
-    return norm(fast, resid_pre if fast.parallel else resid_mid)
+        out = (_act(fast, gate) * (up + layer.b_in)) @ layer.W_out + layer.b_out
+    else:
+        out = _act(fast, x @ layer.W_in + layer.b_in) @ layer.W_out + layer.b_out
+    return out if layer.mlp_post_norm_w is None else norm(fast, out, layer.mlp_post_norm_w)
 
 
 def _act(fast: FastModel, x: Tensor) -> Tensor:
@@ -303,7 +441,7 @@ def logit_diff_at(
 ) -> Float[Tensor, " batch"]:
     """logit(IO) - logit(S) from the final residual stream, two unembedding columns only."""
     direction = fast.W_U[:, io_token].T - fast.W_U[:, s_token].T
-    return (norm(fast, resid) * direction).sum(-1) + fast.b_U[io_token] - fast.b_U[s_token]
+    return (norm(fast, resid, fast.final_norm_w) * direction).sum(-1) + fast.b_U[io_token] - fast.b_U[s_token]
 
 
 @dataclass(frozen=True)
@@ -323,7 +461,7 @@ class Cache:
     resid_final: Tensor
 
     def attn_out(self, layer: int, index=slice(None)) -> Tensor:
-        return head_out(self.fast.layers[layer], self.z[layer][index])
+        return head_out(self.fast, self.fast.layers[layer], self.z[layer][index])
 
     def resid_mid(self, layer: int, index=slice(None)) -> Tensor:
         return self.resid_pre[layer][index] + self.attn_out(layer, index)
@@ -331,7 +469,8 @@ class Cache:
     def mlp_out(self, layer: int, index=slice(None)) -> Tensor:
         before = self.resid_pre[layer][index]
         after = before if self.fast.parallel else self.resid_mid(layer, index)  # parallel: unused
-        return mlp(self.fast, self.fast.layers[layer], mlp_input(self.fast, before, after))
+        layer_weights = self.fast.layers[layer]
+        return mlp(self.fast, layer_weights, mlp_input(self.fast, layer_weights, before, after))
 
 
 def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=None) -> Cache:
@@ -342,21 +481,21 @@ def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=Non
     acts = {name: [] for name in ("resid_pre", "z", "k", "v")}
     resid = embed(fast, tokens)
     for i, layer in enumerate(fast.layers):
-        x = norm(fast, resid)
+        x = attn_input(fast, layer, resid)
         k, v = keys_values(fast, layer, x, pos)
         z = attention_z(fast, layer, x, pos, k, v)
         if edit_z is not None:
             z = edit_z(i, z, prompt, pos)
         for name, value in zip(acts, (resid, z, k, v)):
             acts[name].append(value)
-        mid = resid + head_out(layer, z)
-        resid = mid + mlp(fast, layer, mlp_input(fast, resid, mid))
+        mid = resid + head_out(fast, layer, z)
+        resid = mid + mlp(fast, layer, mlp_input(fast, layer, resid, mid))
     return Cache(fast, **{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
 
 
 def logits(fast: FastModel, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
     """Full logits, for checking `FastModel` against the bridge."""
-    return norm(fast, run_with_cache(fast, tokens).resid_final) @ fast.W_U + fast.b_U
+    return norm(fast, run_with_cache(fast, tokens).resid_final, fast.final_norm_w) @ fast.W_U + fast.b_U
 
 
 def end_logit_diff(
@@ -398,19 +537,19 @@ def run_rows(
     for i in range(start_layer, fast.n_layers):
         layer = fast.layers[i]
         if i > start_layer or not after_attention:
-            x = norm(fast, resid)
+            x = attn_input(fast, layer, resid)
             k, v = _with_rows(fast, layer, cache.k[i], cache.v[i], x, prompt, pos)
             if i == last:
                 x, resid, pos = x[n_idx, end_row, None], resid[n_idx, end_row, None], pos[n_idx, end_row, None]
             z = attention_z(fast, layer, x, pos, k, v)
             if edit_z is not None:
                 z = edit_z(i, z, prompt, pos)
-            pre, resid = resid, resid + head_out(layer, z)
+            pre, resid = resid, resid + head_out(fast, layer, z)
         else:
             if i == last:
                 resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
             pre = cache.resid_pre[i][prompt[:, None], pos] if fast.parallel else resid
-        resid = resid + mlp(fast, layer, mlp_input(fast, pre, resid))
+        resid = resid + mlp(fast, layer, mlp_input(fast, layer, pre, resid))
     return resid[:, 0] if resid.shape[1] == 1 else resid[n_idx, end_row]
 
 
@@ -593,7 +732,7 @@ def head_out_sweep(
             dz = task.clean.z[i][prompts] - task.corrupted.z[i][prompts]  # [batch pos head d_head]
             for heads in _chunks(fast.n_heads, heads_per_chunk):
                 # patching a head's z adds (clean z - corrupted z) @ W_O to the attention output
-                deltas = torch.einsum("bphe,hed->hbpd", dz[:, :, heads], layer.W_O[heads])
+                deltas = head_out_changes(fast, layer, task.corrupted.z[i][prompts], dz, heads)
                 out[i, heads][:, prompts] = _resid_mid_patched(task, i, prompts, deltas, start)
     return out if per_prompt else out.mean(-1)
 
@@ -696,7 +835,7 @@ def head_input_sweep(
         start = task.first_change(prompts)
         for j, (i, head) in enumerate(heads):
             z = _attention_with_clean(task, i, prompts, activation, head)
-            delta = head_out(fast.layers[i], z - task.corrupted.z[i][prompts]) - fast.layers[i].b_O
+            delta = head_out(fast, fast.layers[i], z) - head_out(fast, fast.layers[i], task.corrupted.z[i][prompts])
             out[j, prompts] = _resid_mid_patched(task, i, prompts, delta[None], start)[0]
     return out if per_prompt else out.mean(-1)
 
@@ -707,16 +846,16 @@ def _attention_with_clean(task: Task, i: int, prompts: Tensor, activation: HeadI
     pos = torch.arange(task.n_pos).expand(len(prompts), -1)
     runs = {}
     for name, cache in (("clean", task.clean), ("corrupted", task.corrupted)):
-        x = norm(fast, cache.resid_pre[i][prompts])
+        x = attn_input(fast, layer, cache.resid_pre[i][prompts])
         runs[name] = {"q": queries(fast, layer, x, pos), "k": cache.k[i][prompts], "v": cache.v[i][prompts]}
     q, k, v = (runs["corrupted"][name].clone() for name in ("q", "k", "v"))
     if activation == "pattern":
-        pattern = attention_pattern(q, k, pos)
-        pattern[:, head] = attention_pattern(runs["clean"]["q"], runs["clean"]["k"], pos)[:, head]
+        pattern = attention_pattern(fast, layer, q, k, pos)
+        pattern[:, head] = attention_pattern(fast, layer, runs["clean"]["q"], runs["clean"]["k"], pos)[:, head]
         return attend(pattern, v)
     patched = {"q": q, "k": k, "v": v}[activation]
     patched[:, :, head] = runs["clean"][activation][:, :, head]
-    return attend(attention_pattern(q, k, pos), v)
+    return attend(attention_pattern(fast, layer, q, k, pos), v)
 
 
 # --- Tidy results for the report -------------------------------------------------------------

@@ -7,9 +7,10 @@ one corrupted cached forward of `ioi.engines.fast.FastModel`, and only the rows 
 Why it is exact
 ---------------
 Step 2 (senders from the corrupted run, every other head frozen to its clean `hook_z`). Every
-attention layer's output is a function of its heads' z only (attn_out = sum_h z_h W_O[h] + b_O),
-so with every z fixed each attention layer outputs exactly its clean value, except the sender's
-layer L, whose output changes by (corrupted z - clean z)[sender] @ W_O[sender], position by
+attention layer's output is a function of its heads' z only (attn_out = sum_h z_h W_O[h] + b_O,
+then Gemma 3's post-attention norm), so with every z fixed each attention layer outputs exactly
+its clean value, except the sender's layer L, whose output changes by (corrupted z - clean
+z)[sender] @ W_O[sender] (recomputed through the norm where there is one), position by
 position. The only other components are MLPs and norms, which act on each position alone. So no
 information moves between positions in step 2, and the residual stream at a position p is
 
@@ -50,8 +51,8 @@ from torch import Tensor
 from ioi.engines import hooks_paths
 from ioi.dataset import IOIDataset
 from ioi.engines.fast import (
-    Cache, FastModel, as_fast, attend, attention_pattern, cached_runs, first_change, head_out, keys_values,
-    length_groups, logit_diff_at, mlp, mlp_input, norm, queries,
+    Cache, FastModel, as_fast, attend, attention_pattern, attn_input, cached_runs, first_change, head_out,
+    keys_values, length_groups, logit_diff_at, mlp, mlp_input, queries,
 )
 
 Head = tuple[int, int]  # (layer, head)
@@ -186,9 +187,14 @@ def _sweep_prompts(
             # output, then the frozen forward.
             pos2 = pos if positions is None else positions[prompt][:, None]
             at = prompt[:, None], pos2, head[:, None]
-            dz = corrupted_cache.z[layer][at] - clean_cache.z[layer][at]  # [n row d_head]
-            delta = torch.einsum("nre,ned->nrd", dz, fast.layers[layer].W_O[head])
-            resid_mid = clean_cache.resid_mid(layer, (prompt[:, None], pos2)) + delta
+            lw, rows = fast.layers[layer], (prompt[:, None], pos2)
+            if lw.attn_post_norm_w is None:  # the layer's output is additive in its heads
+                dz = corrupted_cache.z[layer][at] - clean_cache.z[layer][at]  # [n row d_head]
+                resid_mid = clean_cache.resid_mid(layer, rows) + torch.einsum("nre,ned->nrd", dz, lw.W_O[head])
+            else:  # a norm after attention: recompute the layer's output with the sender's z
+                z = clean_cache.z[layer][rows]  # [n row head d_head], a copy
+                z[torch.arange(len(prompt)), :, head] = corrupted_cache.z[layer][at]
+                resid_mid = clean_cache.resid_pre[layer][rows] + head_out(fast, lw, z)
             if receivers == "logits":  # pos2 is END
                 resid = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, [fast.n_layers])
                 resid = resid[fast.n_layers][:, 0]
@@ -222,14 +228,14 @@ def _frozen_forward(
     out = {}
     # the sender changed the attention output only: a parallel MLP reads the cached residual
     pre = cache.resid_pre[layer][prompt[:, None], pos] if fast.parallel else resid_mid
-    resid = resid_mid + mlp(fast, fast.layers[layer], mlp_input(fast, pre, resid_mid))
+    resid = resid_mid + mlp(fast, fast.layers[layer], mlp_input(fast, fast.layers[layer], pre, resid_mid))
     for l in range(layer + 1, max(want) + 1):
         if l in want:
             out[l] = resid
         if l == fast.n_layers or l == max(want):
             break
         pre, resid = resid, resid + cache.attn_out(l, (prompt[:, None], pos))
-        resid = resid + mlp(fast, fast.layers[l], mlp_input(fast, pre, resid))
+        resid = resid + mlp(fast, fast.layers[l], mlp_input(fast, fast.layers[l], pre, resid))
     return out
 
 
@@ -244,7 +250,7 @@ def _receiver_inputs(
     """Step 2's q (rotated), k (rotated) or v of the layer, and which of its heads (query heads
     for q, key/value heads for k and v) are the receivers'."""
     lw = fast.layers[layer]
-    x = norm(fast, resid_pre)
+    x = attn_input(fast, lw, resid_pre)
     if receiver_input == "q":
         value = queries(fast, lw, x, pos)
         group = 1
@@ -274,7 +280,7 @@ def _patched_forward(
     resid = cache.resid_pre[start_layer][prompt[:, None], pos]
     for l in range(start_layer, fast.n_layers):
         lw = fast.layers[l]
-        x = norm(fast, resid)
+        x = attn_input(fast, lw, resid)
         q = queries(fast, lw, x, pos)
         k_rows, v_rows = keys_values(fast, lw, x, pos)
         if l in patches:
@@ -291,7 +297,7 @@ def _patched_forward(
         if l == fast.n_layers - 1:  # after the last keys and values only END is read
             at = torch.arange(len(prompt)), end_row
             q, resid, pos = q[at][:, None], resid[at][:, None], pos[at][:, None]
-        pre, resid = resid, resid + head_out(lw, attend(attention_pattern(q, k, pos), v))
-        resid = resid + mlp(fast, lw, mlp_input(fast, pre, resid))
+        pre, resid = resid, resid + head_out(fast, lw, attend(attention_pattern(fast, lw, q, k, pos), v))
+        resid = resid + mlp(fast, lw, mlp_input(fast, lw, pre, resid))
     return resid[:, 0]
 
