@@ -12,6 +12,7 @@ from transformers import (
 
 from ioi import models
 from ioi.engines import auto, check, fast, hooks
+from ioi.metrics import logit_diff
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -98,11 +99,45 @@ def test_gemma_v1_is_refused_and_falls_back_to_hooks(tiny_gemma):
     torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values))
 
 
-def test_gemma3_direct_logit_attribution_is_refused(tiny_gemma3):
-    """Gemma 3's heads pass through a post-attention norm: they have no additive direct share,
-    and the attribution says so instead of returning numbers that do not add up."""
+def test_gemma3_direct_logit_attributions_add_up(tiny_gemma3):
+    """Behind Gemma 3's post-attention norm, with its scale frozen, the heads' direct shares
+    (with embeddings and MLPs) add up to every prompt's logit difference, and a layer's heads
+    to the share of its whole attention output."""
     from ioi.analyses import logit_attribution
+    from ioi.engines.hooks import run_with_cache
 
     clean, _ = make_pair(tiny_gemma3, n=6)
-    with pytest.raises(NotImplementedError, match="do not add up"):
-        logit_attribution.per_prompt_attributions(tiny_gemma3, clean)
+    per_prompt = logit_attribution.per_prompt_attributions(tiny_gemma3, clean)  # checks the sum itself
+    with torch.inference_mode():
+        expected = logit_diff(tiny_gemma3(clean.tokens), clean).double().numpy()
+    assert abs(per_prompt.groupby("prompt_index").dla.sum().to_numpy() - expected).max() < 1e-4
+    weights = fast.as_fast(tiny_gemma3)
+    n_layers = tiny_gemma3.cfg.n_layers
+    names = [f"blocks.{l}.{n}" for l in range(n_layers) for n in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")]
+    _, cache = run_with_cache(tiny_gemma3, clean, names)
+    at = torch.arange(len(clean)), clean.end
+    final = cache[f"blocks.{n_layers - 1}.hook_resid_post"][at]
+    direction = (weights.W_U[:, clean.io_token] - weights.W_U[:, clean.s_token]).T * (1 + weights.final_norm_w)
+    for layer in range(n_layers):
+        attn = cache[f"blocks.{layer}.hook_resid_mid"][at] - cache[f"blocks.{layer}.hook_resid_pre"][at]
+        whole = (attn * torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + weights.eps) * direction).sum(-1)
+        heads = per_prompt[(per_prompt.layer == layer) & per_prompt.component.isin(["head", "attn_bias"])]
+        assert abs(heads.groupby("prompt_index").dla.sum().to_numpy() - whole.double().numpy()).max() < 1e-4
+
+
+def test_gemma3_copy_logits_are_its_modules(tiny_gemma3):
+    """A head's copy-score logits on Gemma 3 are what its own Hugging Face modules give for the
+    head's write alone: input norm, values, the head's slice of o_proj, post-attention norm,
+    final norm, unembedding."""
+    from ioi.analyses.head_scores import _gemma3_copy_logits
+
+    x = torch.randn(5, tiny_gemma3.cfg.d_model)
+    hf = tiny_gemma3.original_model
+    layer, head, d_head = 1, 3, 16
+    block = hf.model.layers[layer]
+    with torch.no_grad():
+        v = block.self_attn.v_proj(block.input_layernorm(x))  # one key/value head
+        o = block.self_attn.o_proj.weight[:, head * d_head:(head + 1) * d_head]
+        expected = hf.lm_head(hf.model.norm(block.post_attention_layernorm(v @ o.T)))
+    got = _gemma3_copy_logits(tiny_gemma3, x)(layer, head)
+    torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=0)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ioi.dataset import IOIDataset
 from ioi.analyses.logit_attribution import apply_norm, norm_scale
+from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
 
 ATTENTION_SCORES = {
@@ -72,13 +73,11 @@ def copy_scores(model, dataset: IOIDataset) -> pd.DataFrame:
     # each prompt's IO and S names, as they stand after the first MLP
     x = torch.cat([resid[rows, dataset.positions["IO"]], resid[rows, dataset.positions["S1"]]])
     targets = torch.cat([dataset.io_token, dataset.s_token])
-    x = apply_norm(model, x, norm_scale(model, x))  # ln1; its weight is folded into W_V
+    copied = _gemma3_copy_logits(model, x) if fast.is_gemma3(model) else _copy_logits(model, x)
     out = []
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
-            W_V, b_V = _value_weights(model, layer, head)
-            written = (x @ W_V + b_V) @ model.W_O[layer, head]
-            logits = apply_norm(model, written, norm_scale(model, written)) @ model.W_U
+            logits = copied(layer, head)
             out.append(
                 {
                     "layer": layer,
@@ -88,6 +87,34 @@ def copy_scores(model, dataset: IOIDataset) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(out)
+
+
+def _copy_logits(model, x: Float[Tensor, "n d_model"]):
+    """(layer, head) -> the logits of what the head's OV circuit writes, attending to x alone."""
+    x = apply_norm(model, x, norm_scale(model, x))  # ln1; its weight is folded into W_V
+
+    def logits(layer: int, head: int) -> Float[Tensor, "n d_vocab"]:
+        W_V, b_V = _value_weights(model, layer, head)
+        written = (x @ W_V + b_V) @ model.W_O[layer, head]
+        return apply_norm(model, written, norm_scale(model, written)) @ model.W_U
+
+    return logits
+
+
+def _gemma3_copy_logits(model, x: Float[Tensor, "n d_model"]):
+    """`_copy_logits` for Gemma 3, from its unprocessed weights: the norm before attention, the
+    OV circuit, the norm after attention (the head's write as the layer's only output), the
+    final norm and the unembedding."""
+    weights = fast.as_fast(model)
+
+    def logits(layer: int, head: int) -> Float[Tensor, "n d_vocab"]:
+        lw = weights.layers[layer]
+        group = head // (lw.W_Q.shape[0] // lw.W_V.shape[0])
+        v = fast.norm(weights, x, lw.attn_norm_w) @ lw.W_V[group] + lw.b_V[group]
+        written = fast.norm(weights, v @ lw.W_O[head], lw.attn_post_norm_w)
+        return fast.norm(weights, written, weights.final_norm_w) @ weights.W_U + weights.b_U
+
+    return logits
 
 
 def _top_k_share(logits: Float[Tensor, "n d_vocab"], targets) -> float:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ioi.dataset import IOIDataset
 from ioi.metrics import logit_diff, summarise
+from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
 
 
@@ -58,6 +59,8 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
     """Long table: one row per prompt and component, with its direct share of the logit
     difference at END. Components: embed, head (layer, head), attn_bias (layer), mlp (layer),
     unembed_bias. Rows of one prompt sum to its logit difference."""
+    if fast.is_gemma3(model):
+        return _post_norm_attributions(model, dataset)
     logits, cache = run_with_cache(model, dataset, _hook_names(model))
     rows_idx = torch.arange(len(dataset))
     end = dataset.end
@@ -77,7 +80,47 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
         bias = _attn_bias(model, layer).expand(len(dataset), -1)
         frames.append(_frame(dataset, "attn_bias", layer, -1, share(bias)))
         frames.append(_frame(dataset, "mlp", layer, -1, share(cache[f"blocks.{layer}.hook_mlp_out"][rows_idx, end])))
-    b_U = model.b_U if model.b_U is not None else torch.zeros(model.cfg.d_vocab)
+    return _finish(model, dataset, frames, logits)
+
+
+def _post_norm_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
+    """`per_prompt_attributions` for Gemma 3, whose attention output is normalised before it
+    joins the residual stream: norm(sum_h z_h W_O[h]) = sum_h (z_h W_O[h]) * (1 + w) / s, with
+    s the scale of the heads' sum. Frozen at its clean value, as the final norm's scale is, s
+    makes each head's write, and so its direct share, additive. Weights are the fast model's
+    (Gemma 3's own, unprocessed); an MLP's write is the residual stream's change across it."""
+    weights = fast.as_fast(model)
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
+                                           for name in ("attn.hook_z", "hook_resid_mid", "hook_resid_post")]
+    logits, cache = run_with_cache(model, dataset, names)
+    at = torch.arange(len(dataset)), dataset.end
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][at]
+    unembed = weights.W_U[:, dataset.io_token].T - weights.W_U[:, dataset.s_token].T
+    direction = unembed * (weights.norm_offset + weights.final_norm_w)
+    final_scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + weights.eps)
+
+    def share(x: Tensor) -> Tensor:  # x: [batch, ..., d_model] at END
+        return torch.einsum("b...d,bd->b...", x * final_scale.view(-1, *[1] * (x.ndim - 1)), direction)
+
+    frames = [_frame(dataset, "embed", -1, -1, share(cache["blocks.0.hook_resid_pre"][at]))]
+    for layer, lw in enumerate(weights.layers):
+        per_head = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][at], lw.W_O)
+        summed = per_head.sum(1) + lw.b_O
+        scale = torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + weights.eps)
+        gain = scale * (weights.norm_offset + lw.attn_post_norm_w)  # [batch d_model]
+        heads = share(per_head * gain[:, None])
+        for head in range(model.cfg.n_heads):
+            frames.append(_frame(dataset, "head", layer, head, heads[:, head]))
+        frames.append(_frame(dataset, "attn_bias", layer, -1, share(lw.b_O * gain)))
+        mlp_write = cache[f"blocks.{layer}.hook_resid_post"][at] - cache[f"blocks.{layer}.hook_resid_mid"][at]
+        frames.append(_frame(dataset, "mlp", layer, -1, share(mlp_write)))
+    return _finish(model, dataset, frames, logits, weights.b_U)
+
+
+def _finish(model, dataset: IOIDataset, frames: list[pd.DataFrame], logits: Tensor, b_U=None) -> pd.DataFrame:
+    """The unembedding bias's row, and the check that every prompt's rows add up."""
+    if b_U is None:
+        b_U = model.b_U if model.b_U is not None else torch.zeros(model.cfg.d_vocab)
     frames.append(_frame(dataset, "unembed_bias", -1, -1, b_U[dataset.io_token] - b_U[dataset.s_token]))
     out = pd.concat(frames, ignore_index=True)
     _check_decomposes(model, out, logit_diff(logits, dataset))
@@ -86,7 +129,8 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
 
 def _check_decomposes(model, per_prompt: pd.DataFrame, logit_diffs: Tensor) -> None:
     """The shares must add up to each prompt's logit difference. They do not where a norm sits
-    between the heads and the residual stream (Gemma's post-attention norm): refuse, naming it."""
+    between the heads and the residual stream that this module does not freeze (any but Gemma
+    3's): refuse, naming it."""
     summed = torch.tensor(per_prompt.groupby("prompt_index").dla.sum().to_numpy())
     error = float((summed - logit_diffs.double()).abs().max())
     if error > 1e-3 * max(1.0, float(logit_diffs.abs().max())):

@@ -12,8 +12,11 @@ unembedding. Almost all of that work repeats the corrupted run. This module only
    compatibility mode (layer norms folded into the next linear map, writing weights and the
    unembedding centred, value biases folded into the output bias), so its forward is a handful of
    short functions: `embed`, `norm` (LayerNorm or RMSNorm without weights), `attention` (grouped
-   query heads, rotary or learned positions) and `mlp` (GELU or SwiGLU). It reproduces the
-   bridge's logits to float rounding; `tests/test_fast.py` checks it against TransformerLens.
+   query heads, rotary or learned positions) and `mlp` (GELU or SwiGLU). Gemma 3 is read from
+   the Hugging Face model instead, with what no processing folds away: its norms' weights, the
+   norms after attention and MLP, query/key norms and each layer's rotary table and window.
+   It reproduces the bridge's logits to float rounding; `tests/test_fast.py` checks it against
+   TransformerLens, and `ioi.engines.check` on every model before a study uses it.
 2. One corrupted forward, cached. A patch at layer L leaves layers < L untouched, so every sweep
    starts from the cached corrupted residual stream at layer L.
 3. Only the rows that change. A model is causal: a patch confined to positions >= p cannot change
