@@ -268,14 +268,15 @@ def test_report_includes_the_follow_ups():
 
 
 def test_quarto_project_parses_and_renders_both_outputs():
-    """_quarto.yml parses, renders the report and the reflection as HTML and Typst, freezes."""
+    """_quarto.yml parses, renders the report and the reflection as HTML and Typst, and never
+    serves a frozen or cell-cached result (both key on the source alone, not on the library)."""
     config = yaml.safe_load((ROOT / "_quarto.yml").read_text())
     assert {"chapters/report.qmd", "chapters/reflection.qmd"} <= set(config["project"]["render"])
     assert {"html", "typst"} <= set(config["format"])
-    assert config["execute"]["freeze"] == "auto"
+    assert config["execute"]["freeze"] is False and config["execute"]["cache"] is False
     assert config["bibliography"] == "references.bib"
     offline = yaml.safe_load((ROOT / "_quarto-offline.yml").read_text())
-    assert offline["execute"]["freeze"] is False  # freeze keys on source, not on IOI_MODEL
+    assert "execute" not in offline  # the profile inherits that
 
 
 @pytest.mark.parametrize("file,model", [("_environment", "gpt2-small"), ("_environment-offline", "smollm2-135m")])

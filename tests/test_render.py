@@ -243,6 +243,9 @@ def test_markdown_tables_size_columns_by_their_text():
     rule = str(table).splitlines()[1].strip("|").split("|")
     assert rule[0].startswith(":") and rule[1].endswith(":") and len(rule[0]) > 3 * len(rule[1])
     assert "−2.00" in str(table)
+    verdicts = MarkdownTable(pd.DataFrame({"Claim": ["a claim that takes a whole sentence to state"] * 5,
+                                           "Verdict": ["partly"] * 4 + ["not reproduced"]}))
+    assert len(str(verdicts).splitlines()[1].strip("|").split("|")[1]) >= len("not reproduced")  # the longest short cell fits
 
 
 def test_a_section_that_cannot_run_prints_one_sentence_and_hides_its_body():

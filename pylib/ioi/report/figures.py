@@ -248,7 +248,7 @@ def path_patching_heatmaps(paths: pd.DataFrame, n_layers: int | None = None) -> 
     Every panel spans all `n_layers` layers (default: those of the logits step, which sends from
     every head), so a receiver's senders, which sit below it, are seen at their depth."""
     n_layers = int(paths.layer.max()) + 1 if n_layers is None else n_layers
-    height = max(WIDTH * 0.6, 7 * n_layers)  # a readable row per layer for deep models
+    height = max(WIDTH * 0.5, 5.5 * n_layers)  # a readable row per layer for deep models
     return alt.Chart(paths.assign(name=_head_label(paths))).mark_rect().encode(
         x=alt.X("head:O", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:O", scale=alt.Scale(domain=list(range(n_layers))),
@@ -306,7 +306,7 @@ def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame) -> alt.LayerChart:
     )
     labels = alt.Chart(labelled).mark_text(dx=7, dy=-6, align="left", fontSize=10, fontWeight="bold" if crowded else "normal").encode(
         x="x:Q", y="y:Q", text="id:N")
-    return (lines + points + labels).properties(width=WIDTH * 1.8, height=WIDTH * 0.9).resolve_scale(color="independent")
+    return (lines + points + labels).properties(width=WIDTH * 1.8, height=WIDTH * 0.75).resolve_scale(color="independent")
 
 
 def _label_expr(rows: pd.DataFrame) -> str:
@@ -405,7 +405,7 @@ def template_chart(sweep: pd.DataFrame):
     bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low_shown:Q"), alt.Y2("faithfulness_ci_high_shown:Q"), color)
     pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
-    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=130)
+    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=100)
     return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
 
 
@@ -454,6 +454,6 @@ def faithfulness_curve_chart(frame: pd.DataFrame) -> alt.FacetChart:
         shape="diamond", size=90, filled=True, color="black"
     ).encode(y="faithfulness:Q", tooltip=tooltip)
     target = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y=alt.datum(0.8))
-    return alt.layer(band, line, points, target, data=data).properties(width=WIDTH, height=WIDTH * 0.7).facet(
+    return alt.layer(band, line, points, target, data=data).properties(width=WIDTH, height=WIDTH * 0.55).facet(
         column=alt.Column("ablation:N", title="ablation")
     )

@@ -69,7 +69,11 @@ class MarkdownTable:
     Column widths: pandoc sizes a pipe table's columns by the dashes of its rule line once any
     line is longer than 72 characters, so the rule gives each column a share that follows its
     text (the 80th percentile of its cells' lengths or its header's, kept between 6 and 60, plus 2): a column of
-    sentences gets the room it needs instead of one or two words a line."""
+    sentences gets the room it needs instead of one or two words a line. A column of short cells
+    (none over `SHORT` characters: a number with its interval, a verdict) gets its longest, so
+    that none of them wraps or spills into its neighbour."""
+
+    SHORT = 20
 
     def __init__(self, frame: pd.DataFrame, digits: int = 2):
         self.frame, self.digits = frame, digits
@@ -83,10 +87,12 @@ class MarkdownTable:
 
     def _widths(self, cells: list[list[str]]) -> list[int]:
         columns = list(zip(*cells)) if cells else [()] * len(self.frame.columns)
-        return [
-            int(min(60, max(6, len(str(name)), np.percentile([len(c) for c in col], 80) if col else 0)) + 2)
-            for name, col in zip(self.frame.columns, columns)
-        ]
+        def width(name, col) -> int:
+            lengths = [len(c) for c in col] or [0]
+            text = max(lengths) if max(lengths) <= self.SHORT else np.percentile(lengths, 80)
+            return int(min(60, max(6, len(str(name)), text)) + 2)
+
+        return [width(name, col) for name, col in zip(self.frame.columns, columns)]
 
     def _repr_markdown_(self) -> str:
         cells = [[self._cell(x) for x in row] for row in self.frame.itertuples(index=False)]
