@@ -170,6 +170,8 @@ def _class_scale(classes) -> alt.Scale:
 
 
 WIDTH = 260  # one panel; two (with their legends) fit side by side on an A4 page
+# a deep model's layers are too many to label every one at print size: every other one
+LAYER_AXIS = alt.Axis(labelOverlap="parity")
 
 
 def _head_label(frame: pd.DataFrame) -> pd.Series:
@@ -180,10 +182,10 @@ def head_heatmap(frame: pd.DataFrame, value: str, title: str, legend: str | None
     """Layer (rows) by head (columns), coloured by a signed `value`."""
     return alt.Chart(frame.assign(name=_head_label(frame)), title=title).mark_rect().encode(
         x=alt.X("head:O", title="head", axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("layer:O", title="layer"),
+        y=alt.Y("layer:O", title="layer", axis=LAYER_AXIS),
         color=alt.Color(f"{value}:Q", scale=DIVERGING, title=legend or value),
         tooltip=["name:N", alt.Tooltip(f"{value}:Q", format=".3f")],
-    ).properties(width=WIDTH, height=WIDTH * 0.8)
+    ).properties(width=WIDTH, height=WIDTH * 0.65)
 
 
 def dla_heatmap(attributions: pd.DataFrame) -> alt.Chart:
@@ -205,10 +207,10 @@ def residual_heatmap(residual: pd.DataFrame) -> alt.Chart:
     """Residual-stream patching (`Study.residual_patching`): layer by named position."""
     return alt.Chart(residual, title="Residual stream patching").mark_rect().encode(
         x=alt.X("position:N", sort=["IO", "S1", "S1+1", "S2", "END"], title="position"),
-        y=alt.Y("layer:O", title="layer (residual stream before it)"),
+        y=alt.Y("layer:O", title="layer (residual stream before it)", axis=LAYER_AXIS),
         color=alt.Color("patched_metric:Q", scale=DIVERGING, title="restored"),
         tooltip=["layer:O", "position:N", alt.Tooltip("patched_metric:Q", format=".3f")],
-    ).properties(width=WIDTH * 0.6, height=WIDTH * 0.8)
+    ).properties(width=WIDTH * 0.6, height=WIDTH * 0.65)
 
 
 def layer_patching_bars(layers: pd.DataFrame) -> alt.Chart:
@@ -219,7 +221,7 @@ def layer_patching_bars(layers: pd.DataFrame) -> alt.Chart:
         xOffset="component:N",
         color=alt.Color("component:N", title="output"),
         tooltip=["layer:O", "component:N", alt.Tooltip("patched_metric:Q", format=".3f")],
-    ).properties(width=WIDTH, height=WIDTH * 0.8)
+    ).properties(width=WIDTH, height=WIDTH * 0.65)
 
 
 def residual_figure(residual: pd.DataFrame, layers: pd.DataFrame) -> alt.HConcatChart:
@@ -248,7 +250,7 @@ def path_patching_heatmaps(paths: pd.DataFrame, n_layers: int | None = None) -> 
     Every panel spans all `n_layers` layers (default: those of the logits step, which sends from
     every head), so a receiver's senders, which sit below it, are seen at their depth."""
     n_layers = int(paths.layer.max()) + 1 if n_layers is None else n_layers
-    height = max(WIDTH * 0.5, 5.5 * n_layers)  # a readable row per layer for deep models
+    height = max(WIDTH * 0.5, 4.5 * n_layers)  # a row per layer for deep models
     return alt.Chart(paths.assign(name=_head_label(paths))).mark_rect().encode(
         x=alt.X("head:O", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("layer:O", scale=alt.Scale(domain=list(range(n_layers))),
@@ -395,7 +397,7 @@ def template_chart(sweep: pd.DataFrame):
     domain = robust_domain(rows.faithfulness_ci_low, rows.faithfulness_ci_high)
     data = _clip_marked(data, "faithfulness", "faithfulness_ci_low", "faithfulness_ci_high", domain)
     x = alt.X("template:O", title="template id (2k: BABA, 2k+1: its ABBA version)")
-    y = alt.Y("faithfulness_shown:Q", title="faithfulness F(C)/F(M)", scale=alt.Scale(domain=domain, nice=False))
+    y = alt.Y("faithfulness_shown:Q", title="F(C)/F(M)", scale=alt.Scale(domain=domain, nice=False))
     color = alt.Color("order:N", title="name order")
     per_template = alt.Chart().transform_filter(alt.datum.level == "template")
     points = per_template.mark_point(filled=True).encode(
@@ -405,8 +407,8 @@ def template_chart(sweep: pd.DataFrame):
     bars = per_template.mark_rule().encode(x, alt.Y("faithfulness_ci_low_shown:Q"), alt.Y2("faithfulness_ci_high_shown:Q"), color)
     pooled = alt.Chart().transform_filter(alt.datum.level == "order").mark_rule(strokeDash=[2, 2]).encode(y, color)
     one = alt.Chart().mark_rule(color="gray", strokeDash=[6, 3]).encode(y=alt.datum(1.0))
-    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=520, height=100)
-    return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="bottom")
+    layered = alt.layer(bars, points, pooled, one, data=data).properties(width=440, height=70)
+    return layered.facet(row=alt.Row("model:N", title=None)).configure_legend(orient="right")
 
 
 def study_figures(study) -> dict[str, alt.TopLevelMixin]:
@@ -454,6 +456,6 @@ def faithfulness_curve_chart(frame: pd.DataFrame) -> alt.FacetChart:
         shape="diamond", size=90, filled=True, color="black"
     ).encode(y="faithfulness:Q", tooltip=tooltip)
     target = alt.Chart().mark_rule(strokeDash=[4, 4], color="gray").encode(y=alt.datum(0.8))
-    return alt.layer(band, line, points, target, data=data).properties(width=WIDTH, height=WIDTH * 0.55).facet(
+    return alt.layer(band, line, points, target, data=data).properties(width=WIDTH, height=WIDTH * 0.45).facet(
         column=alt.Column("ablation:N", title="ablation")
     )

@@ -6,6 +6,7 @@ a result (the follow-ups' phrases). Every function takes a value or a DataFrame 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 
@@ -67,13 +68,13 @@ class MarkdownTable:
     """A DataFrame as a pipe table, so that Quarto numbers and captions it in every format.
 
     Column widths: pandoc sizes a pipe table's columns by the dashes of its rule line once any
-    line is longer than 72 characters, so the rule gives each column a share that follows its
-    text (the 80th percentile of its cells' lengths or its header's, kept between 6 and 60, plus 2): a column of
-    sentences gets the room it needs instead of one or two words a line. A column of short cells
-    (none over `SHORT` characters: a number with its interval, a verdict) gets its longest, so
-    that none of them wraps or spills into its neighbour."""
+    line is longer than 72 characters, each column taking its share of the text width (`LINE`
+    dashes, about `CHARS` characters of table text). A column of short cells (none over `SHORT`
+    characters: a number with its interval, a verdict) gets dashes for its longest cell, so that
+    none of them wraps or spills into its neighbour; the columns of sentences share the rest in
+    the split (in steps of a twentieth) that prints the table in the fewest lines."""
 
-    SHORT = 20
+    SHORT, LINE, CHARS = 20, 140, 120
 
     def __init__(self, frame: pd.DataFrame, digits: int = 2):
         self.frame, self.digits = frame, digits
@@ -87,12 +88,32 @@ class MarkdownTable:
 
     def _widths(self, cells: list[list[str]]) -> list[int]:
         columns = list(zip(*cells)) if cells else [()] * len(self.frame.columns)
-        def width(name, col) -> int:
-            lengths = [len(c) for c in col] or [0]
-            text = max(lengths) if max(lengths) <= self.SHORT else np.percentile(lengths, 80)
-            return int(min(60, max(6, len(str(name)), text)) + 2)
+        lengths = [[len(str(name))] + [len(c) for c in col] for name, col in zip(self.frame.columns, columns)]
+        short = [max(ls) <= self.SHORT for ls in lengths]
+        widths = [max(ls) + 6 for ls in lengths]  # 6: the cell's padding, in characters
+        long = [i for i, s in enumerate(short) if not s]
+        rest = max(self.LINE - sum(widths[i] for i, s in enumerate(short) if s), self.LINE // 2)
+        for i, share in zip(long, self._fewest_lines([lengths[i] for i in long], rest)):
+            widths[i] = max(6, share)
+        return widths
 
-        return [width(name, col) for name, col in zip(self.frame.columns, columns)]
+    def _fewest_lines(self, lengths: list[list[int]], dashes: int) -> list[int]:
+        """Dashes for each sentence column, summing to `dashes`, that minimise the table's lines
+        (each row as tall as its tallest cell); an even split for more than three columns."""
+        if not lengths:
+            return []
+        steps = 20
+        splits = [s for s in itertools.product(range(1, steps), repeat=len(lengths) - 1) if sum(s) < steps]
+        if len(lengths) > 3 or not splits:
+            return [dashes // len(lengths)] * len(lengths)
+        rows = np.array(lengths).T  # [row, column], the header first
+
+        def lines(split) -> float:
+            chars = np.array([*split, steps - sum(split)]) / steps * dashes * self.CHARS / self.LINE
+            return np.ceil(rows / chars).max(1).sum()
+
+        best = min(splits, key=lines)
+        return [int(dashes * part / steps) for part in (*best, steps - sum(best))]
 
     def _repr_markdown_(self) -> str:
         cells = [[self._cell(x) for x in row] for row in self.frame.itertuples(index=False)]
