@@ -137,8 +137,8 @@ def _from_bridge(bridge) -> FastModel:
 
     The bridge's stacked properties (`W_Q`, ... `W_U`) are exactly the processed weights its own
     forward uses; bias-free models (Llama) expose no biases, so those are zeros here. Gemma 3 is
-    read from the Hugging Face model instead: its post-norms cannot be folded into weights, and
-    TransformerLens's processing of it is not to be trusted (see `ioi.models`)."""
+    read from the Hugging Face modules the bridge runs instead: its norms after attention and
+    MLP cannot be folded into any weight, so they are kept, with the others, as they are."""
     if is_gemma3(bridge):
         return _from_gemma3(bridge.original_model, bridge.W_E.dtype)
     cfg = bridge.cfg
