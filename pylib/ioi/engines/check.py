@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ioi.engines.fast import GEMMA3
+from ioi.engines.fast import is_gemma3
 
 # float32 logits of a few units agree to ~1e-5 when the computation is the same; a missing
 # feature moves them by 1e-2 or more (GPT-Neo's local attention: 0.03; Gemma's embedding scale: 0.7)
@@ -60,8 +60,7 @@ def unsupported_features(model) -> list[str]:
         found.append(f"activation {cfg.act_fn!r}")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         found.append(f"positional embedding {cfg.positional_embedding_type!r}")
-    gemma3 = getattr(hf, "model_type", None) in GEMMA3  # read from its own weights and config
-    if not gemma3 and (not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg)):
+    if not is_gemma3(model) and (not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg)):
         found.append("attention scale other than sqrt(d_head)")
     if hf is not None:
         found += _hf_features(model, hf)
@@ -76,7 +75,7 @@ def _default_attn_scale(cfg) -> bool:
 def _hf_features(model, hf) -> list[str]:
     found = []
     kind = getattr(hf, "model_type", "?")
-    gemma3 = kind in GEMMA3  # its windows, norms and embedding scale are implemented
+    gemma3 = is_gemma3(model)  # its windows, norms, embedding scale and attention scale are implemented
     types = set(getattr(hf, "attention_layers", None) or []) | set(getattr(hf, "layer_types", None) or [])
     if not gemma3 and ({"local", "sliding_attention"} & types or getattr(hf, "use_sliding_window", False)):
         found.append("local (sliding-window) attention")

@@ -197,13 +197,13 @@ def _from_gemma3(hf_model, dtype: torch.dtype) -> FastModel:
     def per_head(linear, heads: int) -> Tensor:  # [heads * d_head, d_model] -> [heads, d_model, d_head]
         return w(linear).view(heads, d_head, -1).transpose(1, 2)
 
+    zeros = functools.partial(torch.zeros, dtype=dtype)  # Gemma 3 has no biases
+    d_model, d_mlp = config.hidden_size, config.intermediate_size
     layers = []
     for i, block in enumerate(body.layers):
         attn, mlp = block.self_attn, block.mlp
         kind = config.layer_types[i]
         gate_in = torch.cat([w(mlp.gate_proj).T, w(mlp.up_proj).T], dim=-1)
-        d_mlp, d_model = mlp.up_proj.out_features, config.hidden_size
-        zeros = functools.partial(torch.zeros, dtype=dtype)
         layers.append(Layer(
             W_Q=per_head(attn.q_proj, n_heads), b_Q=zeros(n_heads, d_head),
             W_K=per_head(attn.k_proj, n_kv), b_K=zeros(n_kv, d_head),
