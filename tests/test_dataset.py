@@ -1,11 +1,14 @@
 """The IOI dataset: positions point at the right tokens, corruptions do what they say,
 seeds reproduce, and bad input is refused clearly."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from ioi import dataset as D
+from ioi.dataset import make_dataset, repeated_random_tokens, swap_order, with_extra_io
 
 
 @pytest.fixture(params=["gpt2_tokenizer", "smollm2_tokenizer"])
@@ -128,3 +131,47 @@ def test_names_with_no_single_token_name_are_refused(gpt2_tokenizer):
 def test_unknown_template_set_is_refused(gpt2_tokenizer):
     with pytest.raises(ValueError, match="template set"):
         D.make_dataset(gpt2_tokenizer, 5, templates="nonsense")
+
+
+# --- Variants for the paper's further experiments ----------------------------------------------
+
+
+def test_swap_order_moves_s1_to_ios_slot_and_keeps_the_rest(gpt2_tokenizer):
+    """The other name order with the same names: S is still repeated, its first mention now where
+    IO's was; S2, END and the answer tokens stay."""
+    clean = make_dataset(gpt2_tokenizer, 12, seed=3)
+    flipped = swap_order(clean, gpt2_tokenizer)
+    assert torch.equal(flipped.positions["IO"], clean.positions["S1"])
+    assert torch.equal(flipped.positions["S1"], clean.positions["IO"])
+    for p in ("S2", "END"):
+        assert torch.equal(flipped.positions[p], clean.positions[p])
+    assert torch.equal(flipped.io_token, clean.io_token) and torch.equal(flipped.s_token, clean.s_token)
+    assert [r.template.order for r in flipped.records] != [r.template.order for r in clean.records]
+    assert all(a.names == b.names for a, b in zip(flipped.records, clean.records))
+
+
+def test_extra_io_inserts_before_s2_and_keeps_positions_right(gpt2_tokenizer):
+    """The sentences go after the last full stop before S2; IO's position is its first mention,
+    S1 and S2 still hold S, and END is the last token."""
+    clean = make_dataset(gpt2_tokenizer, 20, seed=1)
+    extra, kept = with_extra_io(clean, gpt2_tokenizer, "[A] was tired. [A] wanted to go home.")
+    assert 0 < len(kept) < len(clean)  # some templates have no full stop before S2
+    for row, i in enumerate(kept):
+        text, record = extra.prompts[row], clean.records[i]
+        assert f". {record.io} was tired. {record.io} wanted to go home. {record.s}" in text
+        ids = extra.tokens[row]
+        decode = lambda p: gpt2_tokenizer.decode([int(ids[extra.positions[p][row]])]).strip()  # noqa: E731
+        assert decode("IO") == record.io and decode("S1") == decode("S2") == record.s
+        assert int(extra.positions["END"][row]) == len(gpt2_tokenizer(text)["input_ids"]) - 1
+    with pytest.raises(ValueError, match="full stop"):
+        with_extra_io(clean.subset([r.template.text.find(". ") < 0 for r in clean.records]), gpt2_tokenizer, "[A] ran.")
+
+
+def test_repeated_random_tokens_repeat_plain_words(gpt2_tokenizer):
+    tokens = repeated_random_tokens(gpt2_tokenizer, 5, 10, seed=0, prepend_bos=True)
+    assert tokens.shape == (5, 21)
+    assert (tokens[:, 0] == gpt2_tokenizer.bos_token_id).all()
+    assert torch.equal(tokens[:, 1:11], tokens[:, 11:])
+    assert all(re.fullmatch(r" ?[A-Za-z]+", gpt2_tokenizer.decode([int(t)])) for t in tokens[:, 1:].flatten())
+    assert torch.equal(tokens, repeated_random_tokens(gpt2_tokenizer, 5, 10, seed=0, prepend_bos=True))
+    assert not torch.equal(tokens, repeated_random_tokens(gpt2_tokenizer, 5, 10, seed=1, prepend_bos=True))

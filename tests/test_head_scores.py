@@ -26,3 +26,31 @@ def test_copy_scores_are_shares(tiny_model):
     table = head_scores.copy_scores(tiny_model, clean)
     assert table.copy_score.between(0, 1).all() and table.negative_copy_score.between(0, 1).all()
     assert ((table.copy_score + table.negative_copy_score) <= 1).all()
+
+
+def test_random_token_scores_read_the_named_entries(tiny_model):
+    """On repeated random tokens: induction reads the entry from each second-copy token to the
+    token after its earlier copy, duplicate-token to the earlier copy, previous-token to the
+    token before; with a BOS column everything shifts by one."""
+    from ioi.dataset import repeated_random_tokens
+
+    length = 6
+    for bos in (False, True):
+        tokens = repeated_random_tokens(tiny_model.tokenizer, 4, length, seed=0, prepend_bos=bos)
+        table = head_scores.random_token_scores(tiny_model, tokens, length).set_index(["layer", "head"])
+        _, cache = tiny_model.run_with_cache(tokens)
+        pattern = cache["blocks.2.attn.hook_pattern"][:, 1]  # [batch query key]
+        o = int(bos)
+        second = torch.arange(o + length, o + 2 * length)
+        expected = {"induction_random": pattern[:, second, second - length + 1].mean(),
+                    "duplicate_token_random": pattern[:, second, second - length].mean(),
+                    "previous_token_random": pattern[:, torch.arange(o + 1, o + 2 * length), torch.arange(o, o + 2 * length - 1)].mean()}
+        for score, value in expected.items():
+            assert abs(table.loc[(2, 1), score] - value.item()) < 1e-6, (bos, score)
+
+
+def test_random_token_scores_refuse_sequences_of_another_shape(tiny_gpt2):
+    import pytest
+
+    with pytest.raises(ValueError, match="2 x 6 tokens"):
+        head_scores.random_token_scores(tiny_gpt2, torch.zeros(2, 15, dtype=torch.long), 6)

@@ -242,7 +242,7 @@ def fill(record: PromptRecord) -> tuple[str, dict]:
             role = "S1" if seen_b == 1 else "S2"
         if role is not None:
             value = record.names[role]
-            spans[role] = (len(text), len(text) + len(value))
+            spans.setdefault(role, (len(text), len(text) + len(value)))  # an extra IO (adversarial) is not IO's position
         else:
             value = {"[PLACE]": record.place, "[OBJECT]": record.object}.get(piece, piece)
         text += value
@@ -358,3 +358,61 @@ def _build(records, tokenizer, prepend_bos, seed, dropped, corruption) -> IOIDat
         names_dropped=dropped,
         corruption=corruption,
     )
+
+
+# --- Variants of a dataset for the paper's further experiments --------------------------------
+
+
+def swap_order(dataset: IOIDataset, tokenizer) -> IOIDataset:
+    """Each prompt in its template's other name order (BABA <-> ABBA) with the same names in the
+    same roles: S is still the repeated name, but its first mention sits where IO's was. With
+    `corrupt(..., "swap_io_s")`, it separates the position and the token of the S-inhibition
+    signal (Wang et al. 2022, App. A). IO and S1 trade positions; every other position stays."""
+    siblings = {t.template_id: t for t in all_templates()}
+    records = [replace(r, template=siblings[r.template.template_id ^ 1]) for r in dataset.records]
+    out = _build(records, tokenizer, dataset.prepend_bos, dataset.seed, dataset.names_dropped, "swap_order")
+    if out.tokens.shape != dataset.tokens.shape or any(
+        not torch.equal(out.positions[p], dataset.positions[p]) for p in ("S2", "END")
+    ):
+        raise ValueError("A prompt in its other name order tokenised to a different length.")
+    return replace(out, io_token=dataset.io_token, s_token=dataset.s_token)
+
+
+def with_extra_io(dataset: IOIDataset, tokenizer, sentences: str) -> tuple[IOIDataset, np.ndarray]:
+    """The paper's adversarial prompts (Wang et al. 2022, Fig. 8): `sentences` (naming IO as
+    "[A]") inserted after the last full stop before S2, so that IO is repeated too and the
+    duplicate-token heads fire on it. Only prompts whose template has such a full stop qualify;
+    returns the new prompts and the indices of the originals they come from."""
+    def full_stop(text: str) -> int:  # where the last ". " before S2 (the second [B]) ends, or -1
+        s2 = text.index("[B]", text.index("[B]") + 1)
+        stop = text.rfind(". ", 0, s2)
+        return stop + 2 if stop >= 0 else -1
+
+    keep = [i for i, r in enumerate(dataset.records) if full_stop(r.template.text) >= 0]
+    if not keep:
+        raise ValueError("No prompt's template has a full stop before S2 to insert the sentences after.")
+    records = []
+    for i in keep:
+        record = dataset.records[i]
+        at = full_stop(record.template.text)
+        text = record.template.text[:at] + sentences.strip() + " " + record.template.text[at:]
+        records.append(replace(record, template=replace(record.template, text=text)))
+    out = _build(records, tokenizer, dataset.prepend_bos, dataset.seed, dataset.names_dropped, "extra_io")
+    return out, np.array(keep)
+
+
+def repeated_random_tokens(tokenizer, n: int, length: int, seed: int, prepend_bos: bool) -> Int[Tensor, "n pos"]:
+    """n sequences of `length` random word tokens, each repeated once (Wang et al. 2022 §3.3;
+    Olsson et al. 2022), after a BOS token if `prepend_bos`. Tokens are drawn from the first
+    50,000 of the vocabulary that decode to a plain word (letters, with or without a leading
+    space), so no special, byte-level or unused token enters."""
+    ids = range(min(len(tokenizer), 50_000))
+    words = [i for i, text in zip(ids, tokenizer.batch_decode([[i] for i in ids])) if re.fullmatch(r" ?[A-Za-z]+", text)]
+    if len(words) < length:
+        raise ValueError(f"This tokenizer has only {len(words)} plain-word tokens; {length} are needed.")
+    rng = np.random.default_rng([seed, length])  # its own stream: the prompts' draws are untouched
+    first = torch.tensor(np.array([rng.choice(words, size=length, replace=False) for _ in range(n)]))
+    tokens = torch.cat([first, first], dim=1)
+    if prepend_bos:
+        tokens = torch.cat([torch.full((n, 1), _bos_id(tokenizer)), tokens], dim=1)
+    return tokens

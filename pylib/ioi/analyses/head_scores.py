@@ -6,6 +6,10 @@ On the IOI prompts themselves (mean attention probability, per head):
 - induction: from S2 to S1+1, the token after the earlier copy;
 - END to IO and END to S: what name movers (IO) and S-inhibition heads (S2) attend to.
 
+On sequences of random tokens repeated twice (§3.3, where each class's signature is unmistakable,
+`random_token_scores`): previous-token (each token to the one before it), duplicate-token (each
+token of the second copy to its earlier copy) and induction (to the token after its earlier copy).
+
 On the OV circuit (§3.1, "copy score"): take the residual stream at a name's position after the
 first MLP, send it through the head's OV circuit and the unembedding; the copy score is the share
 of names that come out among the top 5 logits. The negative copy score does the same for the
@@ -16,10 +20,10 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from ioi.dataset import IOIDataset
+from ioi.dataset import IOIDataset, repeated_random_tokens
 from ioi.analyses.logit_attribution import apply_norm, norm_scale
 from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
@@ -33,6 +37,7 @@ ATTENTION_SCORES = {
     "end_to_s": ("END", "S2"),
 }
 COPY_TOP_K = 5  # the paper counts a name as copied when it is among the top 5 logits
+RANDOM_CHUNK = 10  # random sequences per forward pass
 
 
 @torch.inference_mode()
@@ -122,6 +127,39 @@ def _top_k_share(logits: Float[Tensor, "n d_vocab"], targets) -> float:
     return (top == targets[:, None]).any(-1).double().mean().item()
 
 
-def head_scores(model, dataset: IOIDataset) -> pd.DataFrame:
-    """All scores, one row per head."""
-    return attention_scores(model, dataset).merge(copy_scores(model, dataset), on=["layer", "head"])
+@torch.inference_mode()
+def random_token_scores(model, tokens: Int[Tensor, "batch pos"], length: int) -> pd.DataFrame:
+    """One row per head: mean attention on `tokens`, sequences of `length` random tokens repeated
+    twice (after a BOS token if the first column is one), from each token of the second copy to
+    its earlier copy (duplicate_token_random), to the token after it (induction_random), and from
+    every token after the first to the one before it (previous_token_random)."""
+    offset = tokens.shape[1] - 2 * length  # 1 with a BOS token, else 0
+    if offset not in (0, 1):
+        raise ValueError(f"expected sequences of 2 x {length} tokens (after an optional BOS), got width {tokens.shape[1]}")
+    names = [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)]
+    second = torch.arange(offset + length, offset + 2 * length)  # queries in the second copy
+    after_first = torch.arange(offset + 1, offset + 2 * length)
+    where = {  # score: (queries, the key each query's class looks at)
+        "previous_token_random": (after_first, after_first - 1),
+        "duplicate_token_random": (second, second - length),
+        "induction_random": (second, second - length + 1),
+    }
+    sums = {score: torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64) for score in where}
+    for chunk in tokens.split(RANDOM_CHUNK):  # a chunk at a time: the full logits are large
+        _, cache = model.run_with_cache(chunk, names_filter=set(names).__contains__)
+        for layer, name in enumerate(names):
+            for score, (queries, keys) in where.items():
+                sums[score][layer] += cache[name][:, :, queries, keys].sum((0, 2)).double()
+    means = {score: total / (len(tokens) * len(where[score][0])) for score, total in sums.items()}
+    return pd.DataFrame([{"layer": layer, "head": head, **{s: float(v[layer, head]) for s, v in means.items()}}
+                         for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)])
+
+
+def head_scores(model, dataset: IOIDataset, random_length: int = 25, random_n: int = 50) -> pd.DataFrame:
+    """All scores, one row per head: on the IOI prompts, on the OV circuit, and on `random_n`
+    sequences of `random_length` random tokens repeated twice (drawn with the dataset's seed,
+    with a BOS token where the dataset has one)."""
+    tokens = repeated_random_tokens(model.tokenizer, random_n, random_length, dataset.seed, dataset.prepend_bos)
+    return (attention_scores(model, dataset)
+            .merge(copy_scores(model, dataset), on=["layer", "head"])
+            .merge(random_token_scores(model, tokens, random_length), on=["layer", "head"]))

@@ -12,13 +12,14 @@ from the logits, each step asking which heads matter *through one path*:
 4. Paths into the induction heads' keys at S1+1: previous-token heads.
 
 Each step keeps the senders whose path carries at least a stated share of the clean logit
-difference (`PathsConfig`). The path decides a head's class; the attention and copy scores of
-`ioi.analyses.head_scores` then *check* it (a name mover should attend END->IO more than END->S2
-and copy names; an S-inhibition head should attend END->S2 more than END->IO; ...). A head that
-fails its check stays in the circuit under the class its path gave, with the failure written in
-its row: the path shows it matters there, and a silent reclassification would hide exactly the
-disagreement a reader needs to see. Step 3 decides between induction and duplicate token by the
-larger of the two scores, since both send through the same path.
+difference (`PathsConfig`). The path decides which class a head is a candidate for; the class's
+definition (`ioi.circuits.classes`: attention and copy scores, random-token scores) then *checks*
+it. A head that fails its check stays in the circuit under the class its path gave, flagged, with
+the failure written in its row: the path shows it matters there, and a silent reclassification
+would hide exactly the disagreement a reader needs to see. But only heads that pass their check
+receive the next step's paths: a head that does not behave as a name mover is not asked which
+heads inhibit it. Step 3 decides between induction and duplicate token by the larger of the two
+random-token scores, since both send through the same path.
 
 Conventions (stated, not tuned on any model's results):
 - A path's effect is -(patched - clean) / clean logit difference, so positive means the path
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ioi.circuits import classes
 from ioi.circuits.criteria import Circuit
 
 Head = tuple[int, int]
@@ -48,6 +50,9 @@ Head = tuple[int, int]
 # frame, senders from first_layer up to the first receiver's layer
 Sweep = Callable[..., pd.DataFrame]
 
+# The discovery step that finds each class (its candidates; their checks decide membership).
+STEP_OF = {"name mover": 1, "negative name mover": 1, "S-inhibition": 2, "induction": 3, "duplicate token": 3,
+           "previous token": 4}
 POSITIONS = {
     "name mover": "END",
     "negative name mover": "END",
@@ -57,7 +62,7 @@ POSITIONS = {
     "previous token": "S1+1",
 }
 SCORE_COLUMNS = ["end_to_io", "end_to_s", "copy_score", "negative_copy_score",
-                 "induction", "duplicate_token", "previous_token"]
+                 "induction_random", "duplicate_token_random", "previous_token_random"]
 COLUMNS = ["layer", "head", "class", "step", "receivers", "effect", *SCORE_COLUMNS, "check", "kept", "why"]
 
 
@@ -74,40 +79,39 @@ class PathsConfig:
     # Steps 3 and 4 act two and three paths away from the answer, so each path carries less.
     values_share: float = 0.02
     keys_share: float = 0.02
-    # An induction, duplicate-token or previous-token head should put at least this much
-    # attention where its class looks (the scores are mean attention probabilities).
-    attention_floor: float = 0.1
 
 
-def paper_way_circuit(sweep: Sweep, scores: pd.DataFrame, config: PathsConfig = PathsConfig()) -> pd.DataFrame:
+def paper_way_circuit(
+    sweep: Sweep, scores: pd.DataFrame, config: PathsConfig = PathsConfig(), rules: classes.ClassRules | None = None,
+    last_step: int = 4,
+) -> pd.DataFrame:
     """The four steps, one row per head over a step's threshold (see the module docstring).
 
     `sweep(receivers, receiver_input, receiver_position, first_layer)` runs one path-patching sweep
     (receivers "logits" or a sorted tuple of (layer, head)); `scores` is `head_scores.head_scores`'
-    table."""
+    table; `rules` the class definitions (`data/head_classes.json` by default). With `last_step`
+    below 4 the later steps are not run: the rows are those of the full table's first steps."""
+    rules = rules or classes.load_rules()
     scores = scores.set_index(["layer", "head"])
     rows: list[dict] = []
 
-    def found(*classes: str) -> tuple[Head, ...]:
-        return tuple(sorted((r["layer"], r["head"]) for r in rows if r["kept"] and r["class"] in classes))
+    def receivers_of(cls: str) -> tuple[Head, ...]:
+        return tuple(sorted((r["layer"], r["head"]) for r in rows if r["kept"] and r["check"] and r["class"] == cls))
 
     frame = sweep("logits", None, None, 0).assign(receivers="logits")
-    rows += _step(frame, 1, config.logits_share, both_signs=True, scores=scores, taken=rows,
+    rows += _step(frame, 1, config.logits_share, both_signs=True, scores=scores, taken=rows, rules=rules,
                   classify=lambda s, e: "name mover" if e > 0 else "negative name mover")
     steps = [
-        (2, ("name mover",), "q", "END", config.queries_share, lambda s, e: "S-inhibition"),
-        (3, ("S-inhibition",), "v", "S2", config.values_share,
-         lambda s, e: "induction" if s.induction >= s.duplicate_token else "duplicate token"),
-        (4, ("induction",), "k", "S1+1", config.keys_share, lambda s, e: "previous token"),
+        (2, "name mover", "q", "END", config.queries_share, lambda s, e: "S-inhibition"),
+        (3, "S-inhibition", "v", "S2", config.values_share, lambda s, e: classes.induction_or_duplicate(s)),
+        (4, "induction", "k", "S1+1", config.keys_share, lambda s, e: "previous token"),
     ]
-    for step, receiver_classes, receiver_input, position, share, classify in steps:
-        receivers = found(*receiver_classes)
+    for step, receiving_class, receiver_input, position, share, classify in steps[: max(0, last_step - 1)]:
+        receivers = receivers_of(receiving_class)
         if not receivers:
             continue
         frame = _into_later_receivers(sweep, receivers, receiver_input, position)
-        rows += _step(frame, step, share, both_signs=False, scores=scores, taken=rows, classify=classify)
-    for row in rows:
-        row["check"], row["why"] = _check(row, config.attention_floor, row["why"])
+        rows += _step(frame, step, share, both_signs=False, scores=scores, taken=rows, rules=rules, classify=classify)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -123,7 +127,7 @@ def _into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_in
     return pd.concat(frames, ignore_index=True)
 
 
-def _step(frame, step, share, both_signs, scores, taken, classify) -> list[dict]:
+def _step(frame, step, share, both_signs, scores, taken, rules, classify) -> list[dict]:
     """Rows for the senders of one sweep whose path effect reaches `share`, strongest first."""
     if frame.empty:
         return []
@@ -134,12 +138,14 @@ def _step(frame, step, share, both_signs, scores, taken, classify) -> list[dict]
     for i in effect[over].abs().sort_values(ascending=False).index:
         head = (int(frame.layer[i]), int(frame["head"][i]))
         s = scores.loc[head]
-        earlier = first_class.get(head)
+        earlier, cls = first_class.get(head), classify(s, effect[i])
+        why = _reason(effect[i], share, both_signs) if earlier is None else f"already a {earlier}"
+        fails = classes.failures(cls, s, rules)
         out.append({
-            "layer": head[0], "head": head[1], "class": classify(s, effect[i]), "step": step,
+            "layer": head[0], "head": head[1], "class": cls, "step": step,
             "receivers": frame.receivers[i], "effect": float(effect[i]), **{c: float(s[c]) for c in SCORE_COLUMNS},
-            "kept": earlier is None,
-            "why": _reason(effect[i], share, both_signs) if earlier is None else f"already a {earlier}",
+            "check": not fails, "kept": earlier is None,
+            "why": why + ("; kept, but not a " + cls + ": " + "; ".join(fails) if fails else ""),
         })
     return out
 
@@ -148,29 +154,6 @@ def _reason(effect: float, share: float, both_signs: bool) -> str:
     if both_signs:
         return f"|path effect| {abs(effect):.3f} >= {share} (effect {effect:+.3f})"
     return f"path effect {effect:+.3f} >= {share}"
-
-
-def _check(row: dict, floor: float, why: str) -> tuple[bool, str]:
-    """Whether the head's scores fit the class its path gave it, and why not when they do not."""
-    cls, fails = row["class"], []
-    if cls in ("name mover", "negative name mover"):
-        if not row["end_to_io"] > row["end_to_s"]:
-            fails.append(f"attends END->S2 ({row['end_to_s']:.2f}) at least as much as END->IO ({row['end_to_io']:.2f})")
-        copies, negative = row["copy_score"], row["negative_copy_score"]
-        if cls == "name mover" and not copies > negative:
-            fails.append(f"copy score {copies:.2f} not above its negative copy score {negative:.2f}")
-        if cls == "negative name mover" and not negative > copies:
-            fails.append(f"negative copy score {negative:.2f} not above its copy score {copies:.2f}")
-    elif cls == "S-inhibition":
-        if not row["end_to_s"] > row["end_to_io"]:
-            fails.append(f"attends END->IO ({row['end_to_io']:.2f}) at least as much as END->S2 ({row['end_to_s']:.2f})")
-    else:
-        score = {"induction": "induction", "duplicate token": "duplicate_token", "previous token": "previous_token"}[cls]
-        if not row[score] >= floor:
-            fails.append(f"{score} score {row[score]:.2f} below {floor}")
-    if not fails:
-        return True, why
-    return False, why + "; kept, but its check failed: " + "; ".join(fails)
 
 
 def to_circuit(table: pd.DataFrame) -> Circuit:
