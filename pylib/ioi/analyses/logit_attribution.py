@@ -55,13 +55,14 @@ def _hook_names(model) -> list[str]:
 
 
 @torch.inference_mode()
-def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
+def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.DataFrame:
     """Long table: one row per prompt and component, with its direct share of the logit
     difference at END. Components: embed, head (layer, head), attn_bias (layer), mlp (layer),
-    unembed_bias. Rows of one prompt sum to its logit difference."""
+    unembed_bias. Rows of one prompt sum to its logit difference. With `fwd_hooks` (e.g. a
+    knockout), the attributions are those of the edited run, with its own final-norm scale."""
     if fast.is_gemma3(model):
-        return _post_norm_attributions(model, dataset)
-    logits, cache = run_with_cache(model, dataset, _hook_names(model))
+        return _post_norm_attributions(model, dataset, fwd_hooks)
+    logits, cache = run_with_cache(model, dataset, _hook_names(model), fwd_hooks)
     rows_idx = torch.arange(len(dataset))
     end = dataset.end
     scale = cache["ln_final.hook_scale"][rows_idx, end, 0]
@@ -83,7 +84,7 @@ def per_prompt_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
     return _finish(model, dataset, frames, logits)
 
 
-def _post_norm_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
+def _post_norm_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.DataFrame:
     """`per_prompt_attributions` for Gemma 3, whose attention output is normalised before it
     joins the residual stream: norm(sum_h z_h W_O[h]) = sum_h (z_h W_O[h]) * (1 + w) / s, with
     s the scale of the heads' sum. Frozen at its clean value, as the final norm's scale is, s
@@ -92,7 +93,7 @@ def _post_norm_attributions(model, dataset: IOIDataset) -> pd.DataFrame:
     weights = fast.as_fast(model)
     names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
                                            for name in ("attn.hook_z", "hook_resid_mid", "hook_resid_post")]
-    logits, cache = run_with_cache(model, dataset, names)
+    logits, cache = run_with_cache(model, dataset, names, fwd_hooks)
     at = torch.arange(len(dataset)), dataset.end
     final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][at]
     unembed = weights.W_U[:, dataset.io_token].T - weights.W_U[:, dataset.s_token].T

@@ -96,17 +96,19 @@ def alignment_groups(dataset: IOIDataset) -> np.ndarray:
     return np.array([index[k] for k in keys])
 
 
-def group_means(model, reference: IOIDataset) -> dict:
-    """Each head's output (hook_z) averaged over the reference prompts of each group."""
-    names = [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+def group_means(model, reference: IOIDataset, names=None) -> dict:
+    """Each head's output (hook_z), or the activations `names`, averaged over the reference
+    prompts of each group; `groups` gives each prompt's group."""
+    names = names or [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
     _, cache = run_with_cache(model, reference, names)
     groups = torch.as_tensor(alignment_groups(reference))
     n_groups = int(groups.max()) + 1
+    counts = torch.bincount(groups, minlength=n_groups)
     means = {}
     for name in names:
-        z = cache[name]
-        sums = torch.zeros(n_groups, *z.shape[1:], dtype=z.dtype).index_add_(0, groups, z)
-        means[name] = sums / torch.bincount(groups, minlength=n_groups).reshape(-1, 1, 1, 1)
+        act = cache[name]
+        sums = torch.zeros(n_groups, *act.shape[1:], dtype=act.dtype).index_add_(0, groups, act)
+        means[name] = sums / counts.reshape(-1, *[1] * (act.ndim - 1))
     return {"means": means, "groups": groups}
 
 

@@ -37,13 +37,29 @@ Setter = Callable[[Tensor, Tensor, tuple, IOIDataset], Tensor]
 
 
 @torch.inference_mode()
-def run_with_cache(model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None):
-    """Logits and an activation cache for the dataset's tokens, keeping only `names` hooks."""
-    if names is not None and not callable(names):
-        wanted = set(names)
-        names = wanted.__contains__
-    logits, cache = model.run_with_cache(dataset.tokens, names_filter=names)
+def run_with_cache(model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None, fwd_hooks=()):
+    """Logits and an activation cache for the dataset's tokens, keeping only `names` hooks.
+    With `fwd_hooks` (an intervention such as an ablation), the run is edited by them and the
+    cache holds what the edited run computed (each hook point after its edit)."""
+    if not fwd_hooks:
+        if names is not None and not callable(names):
+            names = set(names).__contains__
+        return model.run_with_cache(dataset.tokens, names_filter=names)
+    if names is None or callable(names):
+        raise ValueError("name the hook points to cache when the run is edited")
+    cache = {}
+    logits = model.run_with_hooks(dataset.tokens, fwd_hooks=list(fwd_hooks) + [(name, storer(cache, name)) for name in names])
     return logits, cache
+
+
+def storer(cache: dict, name: str):
+    """A hook that keeps its activation in `cache` under `name` (the name asked for: an alias
+    such as blocks.0.hook_resid_pre reaches the hook under its canonical name)."""
+
+    def store(act, hook):
+        cache[name] = act.detach().clone()
+
+    return store
 
 
 def clean_and_corrupted(model, clean: IOIDataset, corrupted: IOIDataset, names=None) -> dict:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ioi.dataset import IOIDataset
 from ioi.metrics import logit_diff
-from ioi.engines.hooks import run_with_cache
+from ioi.engines.hooks import run_with_cache, storer
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -55,31 +55,48 @@ def path_patch(
 
     `receivers` is "logits" or a list of (layer, head) whose `receiver_input` ("q", "k" or
     "v") is patched, at every position or only at `receiver_position` (e.g. "END")."""
-    clean_z, corrupted_z = caches or (_z_cache(model, clean), _z_cache(model, corrupted))
-    senders = set(senders)
+    ld, _ = path_patch_cache(model, clean, corrupted, senders, receivers, receiver_input, receiver_position, caches=caches)
+    return ld
 
-    # Step 2: senders from ABC, every other head frozen to clean.
+
+def path_patch_cache(
+    model,
+    clean: IOIDataset,
+    source: IOIDataset,
+    senders: Sequence[Head],
+    receivers: Sequence[Head] | str = "logits",
+    receiver_input: str = "q",
+    receiver_position: str | None = None,
+    names: Sequence[str] = (),
+    caches: tuple | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """`path_patch` with the senders' outputs taken from `source` (the ABC prompts, or any
+    prompts aligned with the clean ones: the same length and END), returning the per-prompt
+    logit difference and the activations `names` of the final, patched run (e.g. the
+    receivers' attention patterns)."""
+    clean_z, source_z = caches or (_z_cache(model, clean), _z_cache(model, source))
+    senders = set(senders)
+    stored: dict = {}
+
+    # Step 2: senders from the source, every other head frozen to clean.
     def freeze(z, hook):
         layer = hook.layer()
         z = clean_z[hook.name].clone()
         for l, h in senders:
             if l == layer:
-                z[:, :, h] = corrupted_z[hook.name][:, :, h]
+                z[:, :, h] = source_z[hook.name][:, :, h]
         return z
 
     hooks = [(name, freeze) for name in _z_hooks(model)]
     if receivers == "logits":
         with torch.inference_mode():
-            return logit_diff(model.run_with_hooks(clean.tokens, fwd_hooks=hooks), clean)
+            logits = model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, storer(stored, n)) for n in names])
+        return logit_diff(logits, clean), stored
 
     inputs = {f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}
-    stored = {}
-
-    def store(act, hook):
-        stored[hook.name] = act.clone()
-
     with torch.inference_mode():
-        model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, store) for n in sorted(inputs)])
+        model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, storer(stored, n)) for n in sorted(inputs)])
+    receiver_inputs = {name: stored.pop(name) for name in inputs}
 
     # Step 3: only the receivers' inputs patched, everything else recomputed.
     def patch_receivers(act, hook):
@@ -90,15 +107,16 @@ def path_patch(
                 continue
             h = _input_head(model, h, receiver_input)
             if receiver_position is None:
-                act[:, :, h] = stored[hook.name][:, :, h]
+                act[:, :, h] = receiver_inputs[hook.name][:, :, h]
             else:
                 at = clean.positions[receiver_position]
-                act[rows, at, h] = stored[hook.name][rows, at, h]
+                act[rows, at, h] = receiver_inputs[hook.name][rows, at, h]
         return act
 
     with torch.inference_mode():
-        logits = model.run_with_hooks(clean.tokens, fwd_hooks=[(n, patch_receivers) for n in inputs])
-    return logit_diff(logits, clean)
+        logits = model.run_with_hooks(
+            clean.tokens, fwd_hooks=[(n, patch_receivers) for n in inputs] + [(n, storer(stored, n)) for n in names])
+    return logit_diff(logits, clean), stored
 
 
 def _input_head(model, head: int, receiver_input: str) -> int:
