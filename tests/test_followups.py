@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from ioi.circuits import criteria
-from ioi import followups
+from ioi import claims, followups
 from ioi.report import text
 from ioi.cli import main
 from ioi.dataset import load_distribution
@@ -49,31 +49,29 @@ def hub_offline(monkeypatch):
 def size_rows(tiny_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        return followups.size_sweep([tiny_dir, "gpt2-medium"], n=8, n_path=4, n_senders=4)
+        return followups.size_sweep([tiny_dir, "gpt2-medium"], n=8)
 
 
 def test_size_sweep_runs_available_models_and_skips_the_rest(size_rows, tiny_dir):
-    """One row per model in the order given: the tiny model measured, gpt2-medium skipped."""
-    assert list(size_rows.model) == [tiny_dir, "gpt2-medium"]
-    assert list(size_rows.status) == ["ok", "skipped"]
-    assert "gpt2-medium" in size_rows.reason.iloc[1]
-    assert size_rows.n_layers.iloc[1] == 24  # a skipped size still says where it would sit
-    assert text.skip_reasons(size_rows) == "is not in the local Hugging Face cache and the hub cannot be reached"
+    """Rows per model in the order given: the tiny model measured, gpt2-medium skipped with the
+    reason and its published size and family, so it keeps its place on the figure."""
+    assert list(dict.fromkeys(size_rows.model)) == [tiny_dir, "gpt2-medium"]
+    skipped = size_rows[size_rows.model == "gpt2-medium"]
+    assert len(skipped) == 1 and skipped.status.item() == "skipped" and "gpt2-medium" in skipped.reason.item()
+    assert skipped.n_params.item() == 355e6 and skipped.family.item() == "GPT-2"
+    assert text.skip_reasons(skipped) == "is not in the local Hugging Face cache and the hub cannot be reached"
 
 
-def test_size_row_is_complete_and_consistent(size_rows):
-    """The measured row has its CIs around its means, a circuit no larger than the model,
-    and name movers drawn from its own heads."""
-    row = size_rows.iloc[0]
-    assert row.logit_diff_ci_low <= row.logit_diff_mean <= row.logit_diff_ci_high
-    assert row.io_prob_ci_low <= row.io_prob_mean <= row.io_prob_ci_high
-    assert 1 <= row.circuit_size <= row.n_layers * row.n_heads
-    assert row.circuit_faithfulness_ci_low <= row.circuit_faithfulness <= row.circuit_faithfulness_ci_high
-    assert sum(row.circuit_classes.values()) == row.circuit_size
-    for label in row.name_movers + row.negative_name_movers:
-        layer, head = map(int, label.split("."))
-        assert layer < row.n_layers and head < row.n_heads
-    assert row.seconds > 0
+def test_size_rows_are_the_claims_with_their_intervals(size_rows, tiny_dir):
+    """The measured model has one row per measure (its logit difference, then each size claim),
+    each with a verdict from the claims' vocabulary and its CI around its value."""
+    rows = size_rows[size_rows.model == tiny_dir]
+    assert list(rows.measure) == ["logit_diff", *followups.SIZE_CLAIMS]
+    assert (rows.status == "ok").all() and (rows.n_layers == 3).all() and (rows.seconds > 0).all()
+    assert set(rows.verdict[1:]) <= set(claims.VERDICTS) and rows.verdict.iloc[0] == ""
+    bounded = rows.dropna(subset=["ci_low", "ci_high"])
+    assert len(bounded) >= 2
+    assert ((bounded.ci_low <= bounded.value + 1e-9) & (bounded.value <= bounded.ci_high + 1e-9)).all()
 
 
 def test_unknown_model_name_fails_before_anything_runs():
@@ -82,15 +80,23 @@ def test_unknown_model_name_fails_before_anything_runs():
         followups.size_sweep(["gpt2-small-random", "gpt2-smal"])
 
 
-def test_mover_heads_follow_the_stated_criterion(tiny_dir):
-    """Every head called a (negative) name mover has a direct effect of at least DIRECT_SHARE
-    of the logit difference, of the role's sign, and attends END->IO more than END->S2."""
-    study = Study(StudyConfig(model=tiny_dir, n=8))
-    movers = followups.mover_heads(study)
-    ld = abs(study.baseline().logit_diff.mean())
-    assert (movers.dla.abs() >= followups.DIRECT_SHARE * ld).all()
-    assert ((movers.dla > 0) == (movers.role == "name mover")).all()
-    assert (movers.end_to_io > movers.end_to_s).all()
+def test_size_trend_compares_the_extremes_of_a_family():
+    """Disjoint intervals: rises or falls; overlapping: no clear change; no intervals: verdicts."""
+    def row(model, n_params, measure, value, low, high, verdict=""):
+        return {"model": model, "family": "F", "n_params": n_params, "status": "ok", "measure": measure,
+                "value": value, "ci_low": low, "ci_high": high, "verdict": verdict}
+
+    frame = pd.DataFrame([
+        row("small", 1e8, "logit_diff", 3.0, 2.8, 3.2), row("big", 1e9, "logit_diff", 4.0, 3.7, 4.3),
+        row("small", 1e8, "backup", 0.6, 0.4, 0.8, "partly"), row("big", 1e9, "backup", 0.5, 0.3, 0.7, "partly"),
+        row("small", 1e8, "name_movers", 1 / 3, np.nan, np.nan, "partly"),
+        row("big", 1e9, "name_movers", 1.0, np.nan, np.nan, "reproduced"),
+        row("mid", 5e8, "logit_diff", 9.0, 8.0, 10.0),
+    ])
+    trend = followups.size_trend(frame, "F").set_index("measure")
+    assert trend.change.to_dict() == {"logit_diff": "rises", "backup": "no clear change", "name_movers": "verdict changes"}
+    assert (trend.small == "small").all() and (trend.large == "big").all()
+    assert followups.size_trend(frame, "G").empty
 
 
 # --- Follow-up 2: template ----------------------------------------------------------------------
@@ -155,7 +161,7 @@ def test_cli_size_json_reports_skipped_models(capsys):
     for row in rows:
         assert row["status"] == "skipped"
         assert row["reason"] and "Hugging Face" in row["reason"]
-        assert row["n_layers"] in (24, 48)
+        assert row["n_params"] in (355e6, 1558e6)
 
 
 def test_cli_templates_json_has_the_contracted_columns(capsys, tiny_dir):

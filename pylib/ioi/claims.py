@@ -1,22 +1,27 @@
-"""The paper's structural claims as predicates that can be tested on any model.
+"""The paper's findings as predicates that can be tested on any model.
 
 Wang et al. 2022 make two kinds of claim. Numeric ones (a logit difference of 3.56, head 9.9's
-direct effect) only mean something on GPT-2 small; `ioi.report.scorecard` judges those. The
-structural ones describe a mechanism: a few late heads write the answer, they attend to IO and
-copy it, earlier heads inhibit S through their queries, and so on. Restated as predicates over
-the study's tables, they can be tested on any model, and each gets a verdict: "reproduced",
-"partly", "not reproduced" or "not measured".
+direct effect) only mean something on GPT-2 small; `ioi.report.scorecard` judges those. The rest
+describe a mechanism and what follows from it: a few late heads write the answer; they attend to
+IO and copy it; earlier heads tell them which name to avoid, mostly by position; those are fed
+by induction and duplicate-token heads, which previous-token heads feed; backup heads take over
+when the name movers are knocked out; the circuit is faithful, complete and minimal; an extra
+mention of IO fools the model; and the MLPs matter. Restated as predicates over the study's
+tables, each can be tested on any model and gets a verdict: "reproduced", "partly", "not
+reproduced" or "not measured".
 
 Each predicate is a pure function of DataFrames (so a test can hand it made-up tables and see
 every verdict) and of thresholds that `data/claims.json` fixes, with the rule in words and a
-sentence per verdict. `claims(study)` gathers the tables from a `Study`, applies every predicate
-and returns one row per claim; the chapters print the sentence that the verdict picked, so no
-sentence can contradict the number beside it.
+sentence per verdict (and, where a verdict has more than one cause, per cause). Head classes are
+`ioi.circuits.classes`' one definition. `claims(study)` gathers the tables from a `Study`,
+applies every predicate and returns one row per claim; the chapters print the sentence that the
+verdict picked, so no sentence can contradict the number beside it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,27 +29,27 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Float
 
-from ioi.analyses import logit_attribution
-from ioi.cache import cached
-from ioi.circuits import criteria
+from ioi.circuits import classes, criteria, knockouts
 from ioi.dataset import DATA_DIR
+from ioi.metrics import bootstrap_ci
 
 CLAIMS_PATH = DATA_DIR / "claims.json"
 VERDICTS = ("reproduced", "partly", "not reproduced", "not measured")
-NAME_POSITIONS = ("IO", "S1", "S2")
 
 
 @dataclass(frozen=True)
 class Finding:
     """A predicate's verdict, the number it rests on (with its 95% CI where one exists) and the
-    facts its sentence names (head lists, counts, shares)."""
+    facts its sentence names (head lists, counts, shares); `case` picks among a verdict's
+    sentences where it has more than one cause."""
 
     verdict: str
     value: float = float("nan")
     ci_low: float = float("nan")
     ci_high: float = float("nan")
-    unit: str = "share"  # how the value reads: "share" (of something, 0-1) or "depth" (0-1 of the layers)
+    unit: str = "share"  # how the value reads: "share" (0-1), "depth" (0-1 of the layers) or "logit"
     facts: dict = field(default_factory=dict)
+    case: str | None = None
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -62,13 +67,34 @@ def _relative_depth(layer, n_layers: int):
     return np.asarray(layer, dtype=float) / max(n_layers - 1, 1)
 
 
+def _logits(x: float) -> str:
+    """A logit difference for a sentence, with a true minus sign."""
+    return f"{x:.2f}".replace("-", "−")
+
+
 def _grade(first, second) -> str:
     """Both conditions: reproduced; one: partly; neither: not reproduced."""
     first, second = bool(first), bool(second)
     return "reproduced" if first and second else "partly" if first or second else "not reproduced"
 
 
-# --- The predicates: tables in, a Finding out ----------------------------------------------------
+def _beyond(low: float, threshold: float) -> str:
+    """An effect judged on its lower 95% limit: beyond `threshold` (half the paper's effect, or
+    most of it), reproduced; above zero, partly; else not reproduced."""
+    return "reproduced" if low >= threshold else "partly" if low > 0 else "not reproduced"
+
+
+def _fall(after, before, seed: int) -> tuple[float, float, float]:
+    """1 - mean(after) / mean(before) over prompts, with a 95% paired bootstrap interval."""
+    low, high = criteria.ratio_ci(after, before, seed)
+    return 1 - float(np.mean(after) / np.mean(before)), 1 - high, 1 - low
+
+
+def _members(frame: pd.DataFrame, cls: str, rules: classes.ClassRules) -> pd.Series:
+    return classes.members(frame, cls, rules) if len(frame) else pd.Series(dtype=bool)
+
+
+# --- The behaviour and the heads that write the answer (§2, §3.1) ---------------------------
 
 
 def behaviour(baseline_summary: pd.DataFrame, reproduced_low: float, partly_mean: float) -> Finding:
@@ -107,87 +133,143 @@ def direct_writers(
     top = pd.DataFrame(list(wide.columns[order]), columns=["layer", "head"])
     late = int((_relative_depth(top.layer, n_layers) >= late_depth).sum())
     verdict = _grade(low >= min_carried, late >= min_late * k)
-    return Finding(verdict, point, low, high,
-                   facts={"k": k, "heads": _labels(top), "late": late})
+    return Finding(verdict, point, low, high, facts={"k": k, "heads": _labels(top), "late": late})
 
 
-def name_movers(dla: pd.DataFrame, scores: pd.DataFrame, k: int, min_copy: float) -> Finding:
-    """Of the k heads with the largest positive mean DLA, the share that attend END->IO more than
-    END->S2 and have copy score >= `min_copy` (`dla`: layer, head, mean; `scores`: head scores)."""
+def name_movers(dla: pd.DataFrame, scores: pd.DataFrame, rules: classes.ClassRules, k: int, paper_copy: float) -> Finding:
+    """Of the k heads with the largest positive mean DLA, how many are name movers by the class
+    definition; reproduced if all k are, each with a copy score at the paper's level."""
     top = dla[dla["mean"] > 0].nlargest(k, "mean").merge(scores, on=["layer", "head"])
     if not len(top):
         return NOT_MEASURED
-    passes = (top.end_to_io > top.end_to_s) & (top.copy_score >= min_copy)
-    n = int(passes.sum())
-    verdict = "reproduced" if n == len(top) else "partly" if n else "not reproduced"
-    return Finding(verdict, n / len(top), facts={
-        "k": len(top), "passing": n, "heads": _labels(top), "copy": [f"{c:.0%}" for c in top.copy_score],
+    member = _members(top, "name mover", rules)
+    at_paper_strength = member & (top.copy_score >= paper_copy)
+    n = int(member.sum())
+    verdict = "reproduced" if len(top) == k and at_paper_strength.all() else "partly" if n else "not reproduced"
+    return Finding(verdict, n / k, facts={
+        "k": k, "passing": n, "heads": _labels(top), "copy": [f"{c:.0%}" for c in top.copy_score],
     })
 
 
-def negative_name_movers(dla: pd.DataFrame, scores: pd.DataFrame, logit_diff: float, min_share: float, min_copy: float) -> Finding:
-    """Heads whose mean DLA is at most -`min_share` of the logit difference; reproduced if one of
-    them attends END->IO more than END->S2 with negative copy score >= `min_copy`."""
-    shares = dla.assign(share=dla["mean"] / logit_diff).merge(scores, on=["layer", "head"])
-    strongest = shares.nsmallest(1, "share")
-    strong = shares[shares.share <= -min_share].sort_values("share")
-    value = float(strongest.share.iloc[0]) if len(strongest) else float("nan")
-    ci = (float(strongest.ci_low.iloc[0] / logit_diff), float(strongest.ci_high.iloc[0] / logit_diff)) if "ci_low" in strongest else (np.nan, np.nan)
-    facts = {"heads": _labels(strong), "min_share": min_share}
+def negative_name_movers(
+    dla: pd.DataFrame, scores: pd.DataFrame, rules: classes.ClassRules, logit_diff: float, min_share: float,
+    paper_copy: float,
+) -> Finding:
+    """Heads whose DLA (upper 95% limit) is at most -`min_share` of the logit difference; reproduced
+    if one of them is a negative name mover with a negative copy score at the paper's level."""
+    shares = dla.assign(share=dla["mean"] / logit_diff, low=dla.ci_low / logit_diff, high=dla.ci_high / logit_diff)
+    shares = shares.merge(scores, on=["layer", "head"]).sort_values("share")
+    strongest = shares.iloc[0]
+    strong = shares[shares.high <= -min_share]
+    facts = {"heads": _labels(strong), "min_share": min_share,
+             "copy": [f"{c:.0%}" for c in strong.negative_copy_score]}
+    finding = lambda verdict: Finding(verdict, float(strongest.share), float(strongest.low), float(strongest.high), facts=facts)  # noqa: E731
     if not len(strong):
-        return Finding("not reproduced", value, min(ci), max(ci), facts=facts)
-    passes = (strong.end_to_io > strong.end_to_s) & (strong.negative_copy_score >= min_copy)
-    return Finding("reproduced" if passes.any() else "partly", value, min(ci), max(ci), facts=facts)
+        return finding("not reproduced")
+    at_paper_strength = _members(strong, "negative name mover", rules) & (strong.negative_copy_score >= paper_copy)
+    return finding("reproduced" if at_paper_strength.any() else "partly")
 
 
-def _senders(paths: pd.DataFrame, scores: pd.DataFrame, min_effect: float) -> pd.DataFrame:
-    """Senders whose path moves the logit difference by at least `min_effect` of it (a path
-    that carries the signal lowers it when patched from ABC), strongest first."""
+# --- What feeds the name movers (§3.2, §3.3, App. A) ------------------------------------------
+
+
+def s_inhibition(attention: pd.DataFrame | None, senders: list, has_movers: bool, min_fall: float, seed: int = 0) -> Finding:
+    """With the S-inhibition heads patched from ABC along their path into the name movers'
+    queries (`Study.name_mover_attention`), how much of the name movers' preference for IO over
+    S2 (attention from END) is lost, as a share of its clean value, with a paired bootstrap CI."""
+    if not has_movers:
+        return NOT_MEASURED
+    if attention is None or not senders:
+        return Finding("not reproduced", case="none found")
+    clean = attention.to_io_clean - attention.to_s2_clean
+    patched = attention.to_io_patched - attention.to_s2_patched
+    value, low, high = _fall(patched, clean, seed)
+    means = attention.mean()
+    return Finding(_beyond(low, min_fall), value, low, high, facts={
+        "heads": list(senders),
+        "io_before": f"{means.to_io_clean:.2f}", "io_after": f"{means.to_io_patched:.2f}",
+        "s2_before": f"{means.to_s2_clean:.2f}", "s2_after": f"{means.to_s2_patched:.2f}",
+    })
+
+
+def _strong_senders(paths: pd.DataFrame, share: float) -> pd.DataFrame:
+    """Senders whose path carries at least `share` of the logit difference (patching a path that
+    carries the task from ABC lowers the logit difference), strongest first."""
     carried = paths.assign(carried=-paths.relative_change)
-    return carried[carried.carried >= min_effect].sort_values("carried", ascending=False).merge(
-        scores, on=["layer", "head"], how="left")
+    return carried[carried.carried >= share].sort_values("carried", ascending=False)
 
 
-def _senders_finding(paths, scores, min_effect, passes) -> Finding:
-    if paths is None or not len(paths):
+def _senders_finding(paths, scores, rules, share, kinds: tuple[str, ...], need_all_kinds: bool) -> Finding:
+    """How many strong senders of a path sweep are members of one of `kinds`."""
+    if paths is None:
         return NOT_MEASURED
-    strongest = float((-paths.relative_change).max())
-    senders = _senders(paths, scores, min_effect)
-    facts = {"k": len(senders), "heads": _labels(senders.head(4)), "min_effect": min_effect}
+    senders = _strong_senders(paths, share).merge(scores, on=["layer", "head"])
     if not len(senders):
-        return Finding("not reproduced", strongest, facts={**facts, "passing": 0})
-    n = int(passes(senders).sum())
-    verdict = "reproduced" if n > len(senders) / 2 else "partly" if n else "not reproduced"
-    return Finding(verdict, strongest, facts={**facts, "passing": n})
+        return Finding("not reproduced", 0.0, facts={"k": 0, "share": share}, case="none found")
+    member = {kind: _members(senders, kind, rules) for kind in kinds}
+    passing = np.logical_or.reduce([m.to_numpy() for m in member.values()])
+    n, k = int(passing.sum()), len(senders)
+    every_kind = all(m.any() for m in member.values()) or not need_all_kinds
+    verdict = "reproduced" if n > k / 2 and every_kind else "partly" if n else "not reproduced"
+    counts = [f"{int(m.sum())} {kind}" for kind, m in member.items()]
+    return Finding(verdict, n / k, facts={"k": k, "passing": n, "heads": _labels(senders.head(6)),
+                                          "kinds": ", ".join(counts), "share": share},
+                   case="none passes" if verdict == "not reproduced" else None)
 
 
-def s_inhibition(paths_to_name_movers: pd.DataFrame | None, scores: pd.DataFrame, min_effect: float) -> Finding:
-    """Senders into the name movers' queries at END (`Study.path_patching_to_name_movers`):
-    reproduced if most of those carrying >= `min_effect` attend END->S2 more than END->IO."""
-    return _senders_finding(paths_to_name_movers, scores, min_effect, lambda s: s.end_to_s > s.end_to_io)
+def induction_duplicate(paths: pd.DataFrame | None, scores: pd.DataFrame, rules: classes.ClassRules, share: float) -> Finding:
+    """Senders into the S-inhibition heads' values at S2 (`Study.path_patching_to_s_inhibition`)
+    carrying >= `share`: reproduced if most are induction or duplicate-token heads on repeated
+    random tokens and both kinds occur; None `paths`: no S-inhibition heads."""
+    return _senders_finding(paths, scores, rules, share, ("induction", "duplicate token"), need_all_kinds=True)
 
 
-def induction_duplicate(paths_to_s_inhibition: pd.DataFrame | None, scores: pd.DataFrame, min_effect: float, min_score: float) -> Finding:
-    """Senders into the S-inhibition heads' values at S2: reproduced if most of those carrying
-    >= `min_effect` are induction or duplicate-token heads (score >= `min_score`)."""
-    return _senders_finding(paths_to_s_inhibition, scores, min_effect,
-                            lambda s: (s.induction >= min_score) | (s.duplicate_token >= min_score))
+def previous_token(paths: pd.DataFrame | None, scores: pd.DataFrame, rules: classes.ClassRules, share: float) -> Finding:
+    """Senders into the induction heads' keys at S1+1 (`Study.path_patching_to_induction`)
+    carrying >= `share`: reproduced if most are previous-token heads on repeated random tokens."""
+    return _senders_finding(paths, scores, rules, share, ("previous token",), need_all_kinds=False)
 
 
-def backup(knockout: pd.DataFrame | None, max_ratio: float, partly_ratio: float, seed: int = 0) -> Finding:
-    """Knocking out the name movers costs F(M) - F(M \\ NM) per prompt; their summed direct
-    effect is `nm_dla`. The ratio of the means, with a paired bootstrap CI (`knockout`: F_M,
-    F_M_minus_NM, nm_dla per prompt, and the heads in `attrs["heads"]`)."""
-    if knockout is None or not len(knockout) or knockout.nm_dla.mean() <= 0:
+def position_token(frame: pd.DataFrame | None, logit_diff: float, min_position: float, seed: int = 0) -> Finding:
+    """logit difference ~ a * position + b * token, per prompt (`Study.position_token`):
+    reproduced if a - b and b are above 0 and a >= `min_position` of the logit difference (lower
+    95% limits); partly if a or b is above 0."""
+    if frame is None:
         return NOT_MEASURED
-    cost = knockout.F_M - knockout.F_M_minus_NM
-    ratio = float(cost.mean() / knockout.nm_dla.mean())
-    low, high = criteria.ratio_ci(cost, knockout.nm_dla, seed) if len(knockout) > 1 else (ratio, ratio)
-    verdict = "reproduced" if high <= max_ratio else "partly" if ratio <= partly_ratio else "not reproduced"
-    return Finding(verdict, ratio, low, high, facts={"heads": list(knockout.attrs.get("heads", []))})
+    a, b = frame.a.to_numpy(), frame.b.to_numpy()
+    (a_low, a_high), b_low, diff_low = bootstrap_ci(a, seed), bootstrap_ci(b, seed)[0], bootstrap_ci(a - b, seed)[0]
+    strong = diff_low > 0 and b_low > 0 and a_low >= min_position * logit_diff
+    verdict = "reproduced" if strong else "partly" if a_low > 0 or b_low > 0 else "not reproduced"
+    return Finding(verdict, float(a.mean()), a_low, a_high, unit="logit",
+                   facts={"a": _logits(a.mean()), "b": _logits(b.mean())})
 
 
-def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_depth: float, min_signal: float) -> Finding:
+# --- Backup, the residual route, the criteria (§3.4, §4) ---------------------------------------
+
+
+def backup(
+    per_prompt: pd.DataFrame | None, rises: pd.DataFrame | None, scores: pd.DataFrame, rules: classes.ClassRules,
+    logit_diff: float, min_recovered: float, min_rise: float, seed: int = 0,
+) -> Finding:
+    """After mean-ablating the name movers (`knockouts.backup_per_prompt` and `head_rises`): the
+    share of their lost direct effect the other heads recover (paired bootstrap CI); the heads
+    whose direct effect rises by >= `min_rise` of the logit difference are named, and those among
+    them that pass as name movers are backup name movers."""
+    if per_prompt is None or per_prompt.lost.mean() <= 0:
+        return NOT_MEASURED
+    value = float(per_prompt.recovered_by_heads.mean() / per_prompt.lost.mean())
+    low, high = criteria.ratio_ci(per_prompt.recovered_by_heads, per_prompt.lost, seed)
+    risers = rises[(rises.rise >= min_rise * logit_diff) & (rises.rise_ci_low > 0)].merge(scores, on=["layer", "head"])
+    backup_movers = risers[_members(risers, "name mover", rules).to_numpy()] if len(risers) else risers
+    cost = 1 - per_prompt.logit_diff_after.mean() / per_prompt.logit_diff_before.mean()
+    verdict = "reproduced" if low >= min_recovered and len(backup_movers) else "partly" if low > 0 else "not reproduced"
+    return Finding(verdict, value, low, high, facts={
+        "heads": list(per_prompt.attrs.get("heads", [])), "backup": _labels(risers.head(4)),
+        "backup_movers": _labels(backup_movers), "cost": float(cost),
+    })
+
+
+def residual_flow(residual: pd.DataFrame, n_layers: int, depth: float, tolerance: float, min_signal: float) -> Finding:
     """From `Study.residual_patching` (layer, position, patched_metric): the handover is the
     first layer from which END restores the most of all positions at every later layer. Which
     position leads is decided by the largest value, so a negative column cannot trigger it."""
@@ -198,12 +280,12 @@ def residual_flow(residual: pd.DataFrame, n_layers: int, min_depth: float, max_d
     if handover is None:  # END never leads to the end: no handover at all
         return Finding("not reproduced", float("nan"), unit="depth", facts={"layer": "none", "carrier": "no position"})
     before = wide.loc[wide.index < handover]
-    names_lead = (before.idxmax(axis=1).isin(NAME_POSITIONS) & (before.max(axis=1) >= min_signal))
-    carriers = before.idxmax(axis=1)[names_lead].value_counts()
-    depth = float(_relative_depth(handover, n_layers))
-    verdict = _grade(min_depth <= depth <= max_depth, len(before) > 0 and names_lead.mean() > 0.5)
-    carrier = carriers.index[0] if len(carriers) else (before.idxmax(axis=1).mode().iloc[0] if len(before) else "no position")
-    return Finding(verdict, depth, unit="depth", facts={"layer": handover, "carrier": carrier})
+    leader = before.idxmax(axis=1)
+    s2_leads = (leader == "S2") & (before.max(axis=1) >= min_signal)
+    handover_depth = float(_relative_depth(handover, n_layers))
+    verdict = _grade(abs(handover_depth - depth) <= tolerance, len(before) > 0 and s2_leads.mean() > 0.5)
+    carrier = leader.mode().iloc[0] if len(before) else "no position"
+    return Finding(verdict, handover_depth, unit="depth", facts={"layer": handover, "carrier": carrier})
 
 
 def _by_layer(residual: pd.DataFrame) -> pd.DataFrame:
@@ -224,84 +306,122 @@ def _handover(wide: pd.DataFrame) -> int | None:
     return int(wide.index[not_end[-1] + 1]) if not_end[-1] + 1 < len(wide) else None
 
 
-def small_circuit(
-    n_circuit_heads: int, n_heads: int, faithfulness: dict, max_share: float, min_faithfulness: float,
-    min_faithfulness_low: float,
-) -> Finding:
-    """The circuit's share of all heads, and its faithfulness F(C)/F(M), judged on the point
-    and on the lower limit of its 95% CI (a wide interval keeps no promise)."""
+def faithfulness(n_circuit_heads: int, faith: dict, min_faithfulness: float, min_low: float, partly: float) -> Finding:
+    """F(C)/F(M) (`Study.faithfulness`), judged on the point and on its lower 95% limit."""
     if not n_circuit_heads:
         return NOT_MEASURED
-    share = n_circuit_heads / n_heads
-    f = faithfulness["faithfulness"]
-    faithful = f >= min_faithfulness and faithfulness["faithfulness_ci_low"] >= min_faithfulness_low
-    return Finding(_grade(share <= max_share, faithful), f,
-                   faithfulness["faithfulness_ci_low"], faithfulness["faithfulness_ci_high"],
-                   facts={"k": n_circuit_heads, "share": share})
+    f, low = faith["faithfulness"], faith["faithfulness_ci_low"]
+    verdict = "reproduced" if f >= min_faithfulness and low >= min_low else "partly" if f >= partly else "not reproduced"
+    return Finding(verdict, f, low, faith["faithfulness_ci_high"], facts={"k": n_circuit_heads})
+
+
+def completeness(table: pd.DataFrame | None, max_incompleteness: float, paper_greedy: float) -> Finding:
+    """`Study.completeness`: the largest incompleteness over class-wise and random K, and the
+    greedy search's, each as a share of F(M)."""
+    if table is None or not len(table):
+        return NOT_MEASURED
+    f_m = float(table.set_index("subset").F_M_minus_K["empty"])
+    tested = table.subset.str.startswith(("class:", "random"))
+    worst = float(table.incompleteness[tested].max() / f_m) if tested.any() else 0.0
+    greedy = float(table.incompleteness[table.subset == "greedy"].max() / f_m)
+    return Finding(_grade(worst <= max_incompleteness, greedy <= paper_greedy), worst, facts={"greedy": greedy})
+
+
+def minimality(table: pd.DataFrame | None, min_change: float) -> Finding:
+    """`Study.minimality`: the share of heads whose removal changes F by >= `min_change` of F(C)."""
+    if table is None or not len(table):
+        return NOT_MEASURED
+    passing = int((table.relative_change >= min_change).sum())
+    share = passing / len(table)
+    verdict = "reproduced" if passing == len(table) else "partly" if share > 0.5 else "not reproduced"
+    return Finding(verdict, share, facts={"k": len(table), "passing": passing, "min_change": min_change,
+                                         "least": float(table.relative_change.min())})
+
+
+def small_circuit(table: pd.DataFrame | None, n_heads: int, max_share: float, partly_share: float) -> Finding:
+    """From `Study.smallest_circuit`: the fewest top-ranked heads that keep the target share
+    of F(M), as a share of all heads."""
+    if table is None or not len(table):
+        return NOT_MEASURED
+    k = int(table.in_circuit.sum())
+    share = k / n_heads
+    verdict = "reproduced" if share <= max_share else "partly" if share <= partly_share else "not reproduced"
+    return Finding(verdict, share, facts={"k": k, "method": str(table.method.iloc[0])})
+
+
+# --- Consequences: adversarial prompts and the MLPs (Fig. 8, App. J) -------------------------
+
+
+def adversarial(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> Finding:
+    """`Study.extra_io`: the fall of the mean logit difference with two more mentions of IO."""
+    if frame is None or not len(frame):
+        return NOT_MEASURED
+    value, low, high = _fall(frame.logit_diff_extra_io, frame.logit_diff, seed)
+    return Finding(_beyond(low, min_fall), value, low, high, facts={
+        "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.logit_diff_extra_io.mean()),
+        "s_wins": float(1 - frame.io_beats_s_extra_io.mean()),
+    })
+
+
+def mlp_knockout(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> Finding:
+    """`Study.mlp_knockout`: the fall of the mean logit difference with every MLP after the
+    first mean-ablated."""
+    if frame is None or not len(frame):
+        return NOT_MEASURED
+    value, low, high = _fall(frame.knocked_out, frame.logit_diff, seed)
+    return Finding(_beyond(low, min_fall), value, low, high, facts={
+        "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.knocked_out.mean()),
+    })
 
 
 # --- From a Study to the claims table -------------------------------------------------------------
-
-
-def per_prompt_head_dla(study) -> pd.DataFrame:
-    """Every head's direct logit attribution on every clean prompt (cached)."""
-    def compute():
-        frame = logit_attribution.per_prompt_attributions(study.model, study.clean)
-        return frame[frame.component == "head"][["prompt_index", "layer", "head", "dla"]].reset_index(drop=True)
-
-    return cached("per_prompt_head_dla", compute, {"config": repr(study.config)}, study.model, (study.clean, study.corrupted))
-
-
-def name_mover_knockout(study) -> pd.DataFrame | None:
-    """Per prompt: F(M), F(M without the circuit's name movers, mean-ablated) and the name movers'
-    summed direct effect; None when the circuit has no name movers."""
-    movers = sorted(study.circuit().classes.get("name mover", ()))
-    if not movers:
-        return None
-
-    def compute():
-        whole = criteria.whole_model(study.model)
-        ablation = criteria.mean_ablation(study.model, study.clean, study.corrupted)
-        f = criteria.circuit_logit_diffs(study.model, [whole, whole.without(movers)], study.clean, ablation, base=whole)
-        dla = per_prompt_head_dla(study)
-        is_mover = pd.Series([(l, h) in set(movers) for l, h in zip(dla.layer, dla["head"])], index=dla.index)
-        nm_dla = dla[is_mover].groupby("prompt_index").dla.sum().sort_index().to_numpy()
-        return pd.DataFrame({"F_M": f[0].double().numpy(), "F_M_minus_NM": f[1].double().numpy(), "nm_dla": nm_dla})
-
-    frame = cached("name_mover_knockout", compute, {"config": repr(study.config), "movers": movers},
-                   study.model, (study.clean, study.corrupted))
-    frame.attrs["heads"] = [f"{l}.{h}" for l, h in movers]
-    return frame
 
 
 def load_claims(path: Path = CLAIMS_PATH) -> list[dict]:
     return json.loads(Path(path).read_text())["claims"]
 
 
-def _classes(study) -> dict:
-    return study.circuit().classes
+def backup_tables(study) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The name-mover knock-out per prompt and per head (`ioi.circuits.knockouts`), or Nones."""
+    changes = study.backup()
+    if changes is None:
+        return None, None
+    per_prompt = knockouts.backup_per_prompt(changes)
+    per_prompt.attrs["heads"] = [f"{l}.{h}" for l, h in study.members("name mover")]
+    return per_prompt, knockouts.head_rises(changes, study.config.seed)
 
 
 def findings(study, specs: list[dict] | None = None) -> dict[str, Finding]:
-    """Every claim's Finding on the study's model."""
+    """Every claim's Finding on the study's model (each claim's analyses run only when it is
+    asked for: give fewer specs for fewer claims)."""
     specs = specs or load_claims()
     th = {c["id"]: c["thresholds"] for c in specs}
     n_layers, n_heads = study.model.cfg.n_layers, study.model.cfg.n_heads
-    scores = study.head_scores()
-    dla = study.head_attributions()
+    scores, dla, seed = study.head_scores(), study.head_attributions(), study.config.seed
+    rules, paths = classes.load_rules(), study.config.paths
     logit_diff = float(study.baseline().logit_diff.mean())
-    has = lambda cls: bool(_classes(study).get(cls))  # noqa: E731
+    has = lambda cls: bool(study.members(cls))  # noqa: E731
+    circuit_size = len(study.circuit().heads)
     gather = {
         "behaviour": lambda t: behaviour(study.baseline_summary(), **t),
-        "direct_writers": lambda t: direct_writers(per_prompt_head_dla(study), n_layers, **t),
-        "name_movers": lambda t: name_movers(dla, scores, **t),
-        "negative_name_movers": lambda t: negative_name_movers(dla, scores, logit_diff, **t),
-        "s_inhibition": lambda t: s_inhibition(study.path_patching_to_name_movers() if has("name mover") else None, scores, **t),
+        "direct_writers": lambda t: direct_writers(study.per_prompt_head_dla(), n_layers, **t),
+        "name_movers": lambda t: name_movers(dla, scores, rules, **t),
+        "negative_name_movers": lambda t: negative_name_movers(dla, scores, rules, logit_diff, **t),
+        "s_inhibition": lambda t: s_inhibition(study.name_mover_attention(), _heads(study.members("S-inhibition")),
+                                               has("name mover"), seed=seed, **t),
         "induction_duplicate": lambda t: induction_duplicate(
-            study.path_patching_to_s_inhibition() if has("S-inhibition") else None, scores, **t),
-        "backup": lambda t: backup(name_mover_knockout(study), seed=study.config.seed, **t),
+            study.path_patching_to_s_inhibition() if has("S-inhibition") else None, scores, rules, paths.values_share),
+        "previous_token": lambda t: previous_token(
+            study.path_patching_to_induction() if has("induction") else None, scores, rules, paths.keys_share),
+        "backup": lambda t: backup(*backup_tables(study), scores, rules, logit_diff, seed=seed, **t),
         "residual_flow": lambda t: residual_flow(study.residual_patching(), n_layers, **t),
-        "small_circuit": lambda t: small_circuit(len(study.circuit().heads), n_layers * n_heads, study.faithfulness(), **t),
+        "faithfulness": lambda t: faithfulness(circuit_size, study.faithfulness() if circuit_size else {}, **t),
+        "completeness": lambda t: completeness(study.completeness() if circuit_size else None, **t),
+        "minimality": lambda t: minimality(study.minimality() if circuit_size else None, **t),
+        "small_circuit": lambda t: small_circuit(study.smallest_circuit(), n_layers * n_heads, **t),
+        "adversarial": lambda t: adversarial(study.extra_io(), seed=seed, **t),
+        "position_token": lambda t: position_token(study.position_token(), logit_diff, seed=seed, **t),
+        "mlp_knockout": lambda t: mlp_knockout(study.mlp_knockout(), seed=seed, **t),
     }
     unknown = set(th) - set(gather)
     if unknown:
@@ -309,18 +429,38 @@ def findings(study, specs: list[dict] | None = None) -> dict[str, Finding]:
     return {claim_id: gather[claim_id](th[claim_id]) for claim_id in th}
 
 
-def claims(study, specs: list[dict] | None = None) -> pd.DataFrame:
-    """One row per structural claim: the claim, the paper's finding, the rule (thresholds filled
-    in), our value with its CI, the verdict, and the facts its sentence names."""
+def _heads(heads) -> list[str]:
+    return [f"{l}.{h}" for l, h in heads]
+
+
+def rule_values(paths) -> dict:
+    """What a rule's text may name besides its own thresholds: the class definitions
+    (`data/head_classes.json`) and the discovery's path shares (`PathsConfig`)."""
+    rules = classes.load_rules()
+    return {"margin": rules.attention_margin, "copy": rules.copy_score, "random_score": rules.random_token_score,
+            "queries_share": paths.queries_share, "values_share": paths.values_share, "keys_share": paths.keys_share}
+
+
+def claims(study, specs: list[dict] | None = None, only: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per claim (those named in `only`, if given): the claim, the paper's finding, the
+    rule (thresholds filled in), our value with its CI, the verdict, and the facts and the
+    sentence its verdict picked."""
     specs = specs or load_claims()
+    if only is not None:
+        unknown = set(only) - {c["id"] for c in specs}
+        if unknown:
+            raise ValueError(f"No such claims: {sorted(unknown)}")
+        specs = [c for c in specs if c["id"] in only]
     found = findings(study, specs)
+    named = rule_values(study.config.paths)
     rows = []
     for spec in specs:
         f = found[spec["id"]]
+        text = spec["text"].get(f"{f.verdict}: {f.case}", spec["text"][f.verdict]) if f.case else spec["text"][f.verdict]
         rows.append({
             "claim_id": spec["id"], "short": spec["short"], "claim": spec["claim"], "paper": spec["paper"],
-            "rule": spec["rule"].format(**spec["thresholds"]),
+            "rule": spec["rule"].format(**named, **spec["thresholds"]),
             "value": f.value, "ci_low": f.ci_low, "ci_high": f.ci_high, "unit": f.unit,
-            "verdict": f.verdict, "facts": {**spec["thresholds"], **f.facts}, "text": spec["text"][f.verdict],
+            "verdict": f.verdict, "facts": {**named, **spec["thresholds"], **f.facts}, "text": text,
         })
     return pd.DataFrame(rows)

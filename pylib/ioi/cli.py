@@ -106,7 +106,8 @@ def circuit_rows(study: Study, method: str | None) -> pd.DataFrame:
     the step that found it, its path effect and its score check. Without a method: the study's
     circuit (the paper's 26 heads on GPT-2 small, the paper-way circuit elsewhere)."""
     if method == "topk":
-        return study.found_circuit().to_frame()
+        table = study.smallest_circuit()
+        return table[table.in_circuit].assign(position="ALL")
     if method is None and study.config.model == "gpt2-small":
         return study.circuit().to_frame()
     table = study.paper_circuit_table()
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("circuit", help="the circuit's heads by class (paper's on GPT-2 small, found the paper's way elsewhere)")
     p.add_argument("--method", choices=["paths", "topk"], default=None,
-                   help="paths: path patching back from the logits; topk: the smallest top-k by activation patching")
+                   help="paths: path patching back from the logits; topk: the fewest heads by attribution patching that keep 80%%")
     add_study_arguments(p)
     p.set_defaults(func=cmd_circuit)
 
@@ -191,8 +192,7 @@ def _emit_frame(frame: pd.DataFrame, as_json: bool) -> None:
 
 def cmd_followup_size(args) -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    n_senders = None if args.n_senders <= 0 else args.n_senders
-    _emit_frame(followups.size_sweep(models, args.n, args.seed, args.n_path, n_senders, args.device), args.json)
+    _emit_frame(followups.size_sweep(models, args.n, args.seed, args.device), args.json)
 
 
 def cmd_followup_templates(args) -> None:
@@ -204,11 +204,9 @@ def register_followups(subparsers) -> None:
     parser = subparsers.add_parser("followup", help="follow-up experiments: model size, template")
     sub = parser.add_subparsers(dest="followup", required=True)
 
-    p = sub.add_parser("size", help="one row per model: baseline, name movers, S-inhibition, found circuit")
-    p.add_argument("--models", default=",".join(followups.GPT2_SIZES), help="comma-separated model names or local directories")
-    p.add_argument("--n", type=int, default=followups.N_SIZE, help="prompts per model (the same prompts for every GPT-2 size)")
-    p.add_argument("--n-path", type=int, default=followups.N_PATH_SIZE, help="prompts for path patching into the name movers")
-    p.add_argument("--n-senders", type=int, default=followups.N_SENDERS, help="senders screened by head patching; 0: every earlier head")
+    p = sub.add_parser("size", help="one row per model and measure: logit difference and the size claims, with CIs and verdicts")
+    p.add_argument("--models", default=",".join(followups.QWEN_SIZES), help="comma-separated model names or local directories")
+    p.add_argument("--n", type=int, default=followups.N_SIZE, help="prompts per model (the same prompts for models sharing a tokenizer)")
     _followup_arguments(p)
     p.set_defaults(func=cmd_followup_size)
 

@@ -1,11 +1,13 @@
 """Follow-up experiments that each change one factor of the study and hold the rest fixed.
 
-1. Model size (`size_sweep`). GPT-2 small, medium, large and XL on the same prompts (all sizes
-   share GPT-2's tokenizer, so one seed gives identical prompts): the baseline, the heads that
-   act as name movers and negative name movers, whether the strongest path into the name movers'
-   queries comes from S-inhibition-like heads, and the smallest circuit the fixed procedure of
-   `ioi.circuits.discovery` finds. Published point of comparison: the exhaustive enumeration of the 15
-   BABA templates gives mean logit differences 3.79 / 4.18 / 4.68 for small / medium / large.
+1. Model size (`size_sweep`). Does the paper's circuit survive scale? Two sizes of one family
+   on the same prompts (Qwen2.5-Coder 0.5B and 1.5B offline, which share a tokenizer; GPT-2 small
+   to XL where the Hugging Face hub is reachable), each measured by the claims of `ioi.claims`
+   whose cost fits a laptop: the behaviour, the heads that write the answer, name movers,
+   negative name movers, backup name movers and the smallest faithful circuit, each with its
+   verdict; other families (SmolLM2, Gemma 3) join as points of comparison, not as sizes.
+   `size_trend` says, per measure and family, whether it changes between the smallest and the
+   largest size beyond its 95% intervals.
 2. Template (`template_sweep`). One model and one fixed circuit, evaluated on each of the 30
    templates (15 BABA and their ABBA versions) separately. Miller et al. 2024 report that the
    Wang circuit's faithfulness splits by name order on GPT-2 small (ABBA 57-99%, BABA 98-155%),
@@ -15,74 +17,91 @@
 Both return tidy DataFrames (compute only: their sentences are in `ioi.report.text`, their charts
 in `ioi.report.figures`, their command line in `ioi.cli`); models whose weights cannot be had
 here become rows with status "skipped" and the reason, and the rest still run.
-Every expensive step goes through `Study` or `ioi.cache.cached`, so reruns are served from the
-results cache.
+Every expensive step goes through `Study`, so reruns are served from the results cache.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ioi import claims
 from ioi.cache import cached
 from ioi.circuits import criteria
-from ioi.circuits.discovery import ATTENTION_FLOOR, DIRECT_SHARE
-from ioi.dataset import IOIDataset, load_distribution
-from ioi.engines import auto
+from ioi.dataset import load_distribution
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
 from ioi.models import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
-GPT2_SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# Published architecture of each size, so that skipped sizes still show where they would sit.
-GPT2_SHAPES = {
-    "gpt2-small": {"n_params": 124e6, "n_layers": 12, "n_heads": 12},
-    "gpt2-medium": {"n_params": 355e6, "n_layers": 24, "n_heads": 16},
-    "gpt2-large": {"n_params": 774e6, "n_layers": 36, "n_heads": 20},
-    "gpt2-xl": {"n_params": 1558e6, "n_layers": 48, "n_heads": 25},
+
+@dataclass(frozen=True)
+class ModelFacts:
+    family: str
+    n_params: float  # published parameter count, so that a skipped model still has its place
+
+
+MODELS = {
+    "gpt2-small": ModelFacts("GPT-2", 124e6), "gpt2-medium": ModelFacts("GPT-2", 355e6),
+    "gpt2-large": ModelFacts("GPT-2", 774e6), "gpt2-xl": ModelFacts("GPT-2", 1558e6),
+    "pythia-70m": ModelFacts("Pythia", 70e6), "pythia-160m": ModelFacts("Pythia", 160e6),
+    "pythia-410m": ModelFacts("Pythia", 410e6), "pythia-1b": ModelFacts("Pythia", 1011e6),
+    "qwen2.5-coder-0.5b": ModelFacts("Qwen2.5-Coder", 494e6), "qwen2.5-coder-1.5b": ModelFacts("Qwen2.5-Coder", 1544e6),
+    "smollm2-135m": ModelFacts("SmolLM2", 135e6), "gemma3-270m": ModelFacts("Gemma 3", 268e6),
 }
+GPT2_SIZES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
+QWEN_SIZES = ("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+SIZE_CLAIMS = ("behaviour", "direct_writers", "name_movers", "negative_name_movers", "backup", "small_circuit")
 # Exhaustive enumeration of all prompts of the 15 BABA templates, BOS on (mean logit difference).
 ENUMERATION_LOGIT_DIFF = {"gpt2-small": 3.79, "gpt2-medium": 4.18, "gpt2-large": 4.68}
 MILLER_2024_FAITHFULNESS = {"ABBA": (0.57, 0.99), "BABA": (0.98, 1.55)}  # range over templates
-N_SIZE = 100  # prompts per size: the main study's default, so a size's row reuses its cache
-N_PATH_SIZE = 50  # prompts for path patching into the name movers
-N_SENDERS = 30  # senders screened by head patching; None path-patches every earlier head
+N_SIZE = 100  # prompts per size: the main study's default, so a size's rows reuse its cache
 N_PER_TEMPLATE = 20  # x 30 templates = 600 prompts: minutes on a laptop CPU for a 135M model
+SIZE_COLUMNS = ["model", "family", "n_params", "n_layers", "n_heads", "status", "reason", "measure", "value",
+                "ci_low", "ci_high", "unit", "verdict", "seconds"]
 
 
 # --- Follow-up 1: model size --------------------------------------------------------------------
 
 
-def size_sweep(
-    models: Sequence[str] = GPT2_SIZES,
-    n: int = N_SIZE,
-    seed: int = 0,
-    n_path: int = N_PATH_SIZE,
-    n_senders: int | None = N_SENDERS,
-    device: str = "cpu",
-) -> pd.DataFrame:
-    """One row per model, in the order given; unavailable models are skipped with the reason.
-
-    Everything but the model is fixed: prompts (n, seed, the "mixed" templates, no BOS), the
-    name-mover criterion, the path-patching receivers' definition and the circuit procedure."""
+def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
+    """One row per model and measure, in the order given: the logit difference and each claim
+    of `SIZE_CLAIMS`, with its 95% CI where one exists and its verdict; a model that cannot be
+    loaded is one row with status "skipped" and the reason. Everything but the model is fixed:
+    the prompts (n, seed, the "mixed" templates, the model's BOS convention), the class
+    definitions and the claims' rules. One model is held in memory at a time."""
     for name in models:
         _check_model_name(name)
     rows = []
     for name in tqdm(models, desc="size sweep"):
         start = time.perf_counter()
+        facts = MODELS.get(name, ModelFacts(name, float("nan")))
+        base = {"model": name, "family": facts.family, "n_params": facts.n_params}
         try:
-            study = Study(StudyConfig(model=name, n=n, seed=seed, n_path=min(n_path, n), device=device))
+            study = Study(StudyConfig(model=name, n=n, seed=seed, device=device))
         except ModelUnavailableError as error:
-            rows.append(_skipped_row(name, error))
+            rows.append({**base, "status": "skipped", "reason": str(error).split("\n")[0]})
             continue
-        row = size_row(study, n_senders)
-        rows.append({**row, "seconds": round(time.perf_counter() - start, 2)})
-    return pd.DataFrame(rows)
+        measured = model_rows(study)
+        seconds = round(time.perf_counter() - start, 2)
+        rows += [{**base, **row, "seconds": seconds} for row in measured]
+        del study
+        _release_models()
+    return pd.DataFrame(rows, columns=SIZE_COLUMNS)
+
+
+def _release_models() -> None:
+    """Drop the loaded models, so that a sweep holds one model at a time (the largest take GBs)."""
+    from ioi import models
+
+    models._load_model.cache_clear()
+    gc.collect()
 
 
 def _check_model_name(name: str) -> None:
@@ -91,129 +110,50 @@ def _check_model_name(name: str) -> None:
         raise ValueError(f"Unknown model {name!r}. Known models: {', '.join(KNOWN_MODELS)}.")
 
 
-def _skipped_row(name: str, error: Exception) -> dict:
-    return {"model": name, "status": "skipped", "reason": str(error).split("\n")[0], **GPT2_SHAPES.get(name, {})}
+def model_rows(study: Study) -> list[dict]:
+    """The size follow-up's measures on one model: its logit difference, and each claim of
+    `SIZE_CLAIMS` with its value, CI and verdict (`ioi.claims`)."""
+    cfg = study.model.cfg
+    shape = {"n_params": int(sum(p.numel() for p in study.model.parameters())), "n_layers": cfg.n_layers,
+             "n_heads": cfg.n_heads, "status": "ok", "reason": ""}
+    ld = study.baseline_summary().set_index("metric").loc["logit_diff"]
+    rows = [{**shape, "measure": "logit_diff", "value": ld["mean"], "ci_low": ld.ci_low, "ci_high": ld.ci_high,
+             "unit": "logit", "verdict": ""}]
+    found = claims.claims(study, only=SIZE_CLAIMS)
+    for r in found.itertuples(index=False):
+        rows.append({**shape, "measure": r.claim_id, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
+                     "unit": r.unit, "verdict": r.verdict})
+    return rows
 
 
-def size_row(study: Study, n_senders: int | None = N_SENDERS) -> dict:
-    """Everything follow-up 1 reports about one model, from its (cached) Study."""
-    model, cfg = study.model, study.model.cfg
-    summary = study.baseline_summary().set_index("metric")
-    movers = mover_heads(study)
-    nm = movers[movers.role == "name mover"]
-    neg = movers[movers.role == "negative name mover"]
-    path = s_inhibition_paths(study, _heads(nm), n_senders)
-    strongest = path.nsmallest(3, "relative_change") if len(path) else path
-    found = study._found_circuit_table()
-    in_circuit = found[found.in_circuit]
-    faith = found_circuit_faithfulness(study)
-    return {
-        "model": study.config.model,
-        "status": "ok",
-        "reason": "",
-        "n": len(study.clean),
-        "n_path": len(study.path_data[0]),
-        "n_params": int(sum(p.numel() for p in model.parameters())),
-        "n_layers": cfg.n_layers,
-        "n_heads": cfg.n_heads,
-        "logit_diff_mean": summary.loc["logit_diff", "mean"],
-        "logit_diff_ci_low": summary.loc["logit_diff", "ci_low"],
-        "logit_diff_ci_high": summary.loc["logit_diff", "ci_high"],
-        "io_prob_mean": summary.loc["io_prob", "mean"],
-        "io_prob_ci_low": summary.loc["io_prob", "ci_low"],
-        "io_prob_ci_high": summary.loc["io_prob", "ci_high"],
-        "io_beats_s_frac": summary.loc["io_beats_s", "mean"],
-        "name_movers": _labels(nm),
-        "name_mover_depth": float(nm.relative_depth.mean()) if len(nm) else np.nan,
-        "negative_name_movers": _labels(neg),
-        "negative_name_mover_depth": float(neg.relative_depth.mean()) if len(neg) else np.nan,
-        "s_inhibition_to_nm_effect": float(strongest.relative_change.iloc[0]) if len(strongest) else np.nan,
-        "s_inhibition_senders": _labels(strongest),
-        "s_inhibition_senders_end_to_s": [round(float(x), 3) for x in strongest.get("end_to_s", [])],
-        "circuit_size": len(in_circuit),
-        "circuit_share_of_heads": len(in_circuit) / (cfg.n_layers * cfg.n_heads),
-        "circuit_faithfulness": faith["faithfulness"],
-        "circuit_faithfulness_ci_low": faith["faithfulness_ci_low"],
-        "circuit_faithfulness_ci_high": faith["faithfulness_ci_high"],
-        "circuit_classes": {c: len(h) for c, h in study.found_circuit().classes.items()},
-    }
-
-
-def _heads(frame: pd.DataFrame) -> list[tuple[int, int]]:
-    return [(int(l), int(h)) for l, h in zip(frame.layer, frame["head"])]
-
-
-def _labels(frame: pd.DataFrame) -> list[str]:
-    return [f"{l}.{h}" for l, h in _heads(frame)]
-
-
-def mover_heads(study: Study) -> pd.DataFrame:
-    """Heads that act as (negative) name movers: a direct effect on the logit difference of at
-    least `DIRECT_SHARE` of it (positive or negative), and attention from END to IO above both
-    `ATTENTION_FLOOR` and END's attention to S2 (the paper's signature: they attend to the
-    indirect object and copy it, or, negative, suppress it). Strongest direct effect first."""
-    dla = study.head_attributions()[["layer", "head", "mean"]].rename(columns={"mean": "dla"})
-    scores = study.head_scores()[["layer", "head", "end_to_io", "end_to_s"]]
-    heads = dla.merge(scores, on=["layer", "head"])
-    ld = study.baseline().logit_diff.mean()
-    direct = heads.dla.abs() >= DIRECT_SHARE * abs(ld)
-    attends_io = (heads.end_to_io >= ATTENTION_FLOOR) & (heads.end_to_io > heads.end_to_s)
-    movers = heads[direct & attends_io].copy()
-    movers["role"] = np.where(movers.dla > 0, "name mover", "negative name mover")
-    movers["relative_depth"] = relative_depth(movers.layer, study.model.cfg.n_layers)
-    return movers.sort_values("dla", key=abs, ascending=False, ignore_index=True)
+def size_trend(sweep: pd.DataFrame, family: str) -> pd.DataFrame:
+    """Per measure, between the smallest and the largest size of `family` that ran: "rises" or
+    "falls" where their 95% intervals do not overlap, "no clear change" where they do; a measure
+    without intervals compares its verdicts ("same verdict" or "verdict changes")."""
+    ran = sweep[(sweep.family == family) & (sweep.status == "ok")]
+    sizes = ran.drop_duplicates("model").sort_values("n_params").model.tolist()
+    if len(sizes) < 2:
+        return pd.DataFrame(columns=["measure", "small", "large", "change"])
+    small, large = (ran[ran.model == m].set_index("measure") for m in (sizes[0], sizes[-1]))
+    rows = []
+    for measure in small.index.intersection(large.index):
+        a, b = small.loc[measure], large.loc[measure]
+        if pd.isna(a.ci_low) or pd.isna(b.ci_low):
+            change = "same verdict" if a.verdict == b.verdict else "verdict changes"
+        elif b.ci_low > a.ci_high:
+            change = "rises"
+        elif b.ci_high < a.ci_low:
+            change = "falls"
+        else:
+            change = "no clear change"
+        rows.append({"measure": measure, "small": sizes[0], "large": sizes[-1], "small_value": a.value,
+                     "large_value": b.value, "small_verdict": a.verdict, "large_verdict": b.verdict, "change": change})
+    return pd.DataFrame(rows)
 
 
 def relative_depth(layer, n_layers: int):
     """A layer's position in the stack: 0 for the first layer, 1 for the last."""
     return np.asarray(layer) / max(n_layers - 1, 1)
-
-
-def s_inhibition_paths(study: Study, movers: list[tuple[int, int]], n_senders: int | None = N_SENDERS) -> pd.DataFrame:
-    """Path patching from single sender heads into the name movers' queries at END (the paper's
-    test for S-inhibition, §3.2), on the study's first `n_path` prompts.
-
-    Senders are heads in layers before the earliest name mover; with `n_senders` set, only the
-    that many of them with the largest all-position head-patching effect (a screen that keeps
-    the run affordable on large models, at the price of missing a sender the screen ranks low).
-    One row per sender, with its relative change of the logit difference and its END->S2
-    attention (S-inhibition heads attend to S2)."""
-    if not movers:
-        return pd.DataFrame(columns=["layer", "head", "logit_diff", "relative_change", "end_to_s"])
-    first = min(l for l, _ in movers)
-    candidates = study.head_patching()
-    candidates = candidates[candidates.layer < first]
-    if n_senders is not None:
-        candidates = candidates.assign(size=candidates.patched_metric.abs()).nlargest(n_senders, "size")
-    senders = _heads(candidates)
-    clean, corrupted = study.path_data
-    params = {"movers": movers, "senders": senders, "config": repr(study.config)}
-    frame = cached(
-        "followup_s_inhibition_paths",
-        lambda: _path_sweep(study.model, clean, corrupted, senders, movers),
-        params, study.model, (clean, corrupted),
-    )
-    scores = study.head_scores()[["layer", "head", "end_to_s"]]
-    return frame.merge(scores, on=["layer", "head"], how="left")
-
-
-def _path_sweep(model, clean: IOIDataset, corrupted: IOIDataset, senders, receivers) -> pd.DataFrame:
-    """The fast exact path-patching sweep into the receivers' queries at END, kept to `senders`."""
-    frame = auto.path_patch_sweep(model, clean, corrupted, receivers, "q", "END")
-    keep = {tuple(s) for s in senders}
-    return frame[[(l, h) in keep for l, h in zip(frame.layer, frame["head"])]].reset_index(drop=True)
-
-
-def found_circuit_faithfulness(study: Study) -> dict:
-    """Faithfulness (with its CI) of the circuit `ioi.circuits.discovery` finds, on the study's prompts."""
-    found = study.found_circuit()
-    if sorted(study.circuit().heads) == sorted(found.heads):
-        return study.faithfulness()  # the study's own circuit: share its cache entry
-    return cached(
-        "followup_found_circuit_faithfulness",
-        lambda: criteria.faithfulness(study.model, found, study.clean, study.corrupted, study.config.seed),
-        {"config": repr(study.config), "heads": found.heads}, study.model, (study.clean, study.corrupted),
-    )
 
 
 # --- Follow-up 2: template ----------------------------------------------------------------------
@@ -317,17 +257,17 @@ def _difference_row(abba: pd.DataFrame, baba: pd.DataFrame, seed: int) -> dict:
 
 
 def circuit_classes(study: Study) -> pd.DataFrame:
-    """The found circuit's heads by class, with each head's relative depth."""
-    frame = study.found_circuit().to_frame()
+    """The study's circuit's heads by class, with each head's relative depth."""
+    frame = study.circuit().to_frame()
     return frame.assign(relative_depth=relative_depth(frame.layer, study.model.cfg.n_layers))
 
 
 def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
     """Per class: heads and mean relative depth in the paper's GPT-2 small circuit and in a
-    found circuit (from `circuit_classes`). The paper's was drawn by hand over many experiments,
-    the found one by a fixed procedure, so counts compare procedures as much as models."""
+    circuit found the paper's way (from `circuit_classes`). The paper's was judged head by head,
+    the found one with a fixed threshold per step, so counts compare procedures as much as models."""
     paper = criteria.load_circuit().to_frame()
-    paper = paper.assign(relative_depth=relative_depth(paper.layer, GPT2_SHAPES["gpt2-small"]["n_layers"]))
+    paper = paper.assign(relative_depth=relative_depth(paper.layer, 12))
     parts = []
     for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (found)", found)):
         grouped = frame.groupby("class").agg(heads=("layer", "size"), mean_relative_depth=("relative_depth", "mean"))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ioi import claims
 from ioi.report import figures
 from ioi.study import Study
 
@@ -33,12 +34,20 @@ TABLES = {
     "path_patching_to_logits": lambda s: s.path_patching_to_logits(),
     "path_patching_to_name_movers": lambda s: s.path_patching_to_name_movers(),
     "path_patching_to_s_inhibition": lambda s: s.path_patching_to_s_inhibition(),
+    "path_patching_to_induction": lambda s: s.path_patching_to_induction(),
     "faithfulness_by_template": lambda s: s.faithfulness_by_template(),
     "completeness": lambda s: s.completeness(),
     "minimality": lambda s: s.minimality(),
     "paper_circuit_table": lambda s: s.paper_circuit_table(),
     "faithfulness_curve": lambda s: s.faithfulness_curve(),
     "faithfulness_curve_summary": lambda s: s.faithfulness_curve_summary(),
+    "smallest_circuit": lambda s: s.smallest_circuit(),
+    "backup": lambda s: s.backup(),
+    "name_mover_attention": lambda s: s.name_mover_attention(),
+    "position_token": lambda s: s.position_token(),
+    "extra_io": lambda s: s.extra_io(),
+    "mlp_knockout": lambda s: s.mlp_knockout(),
+    "claims": lambda s: claims.claims(s).drop(columns=["text"]),
 }
 
 
@@ -48,7 +57,9 @@ def reproduce(study: Study, out: Path) -> dict:
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for name, analysis in tqdm(TABLES.items(), desc=f"reproducing on {study.config.model}"):
-        _write_atomically(out / "tables" / f"{name}.csv", analysis(study).to_csv(index=False))
+        table = analysis(study)
+        if table is not None:  # an experiment the model's circuit gives nothing to act on
+            _write_atomically(out / "tables" / f"{name}.csv", table.to_csv(index=False))
     for name, chart in figures.study_figures(study).items():
         chart.save(str(out / "figures" / f"{name}.svg"))
     summary = {

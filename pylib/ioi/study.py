@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import pandas as pd
 
 from ioi import metrics
-from ioi.analyses import head_scores, logit_attribution
+from ioi.analyses import adversarial, head_scores, logit_attribution
 from ioi.cache import cached
-from ioi.circuits import criteria, curve, paths_discovery
+from ioi.circuits import classes, criteria, curve, discovery, knockouts, paths_discovery, s_inhibition
 from ioi.circuits.curve import CurveConfig
-from ioi.circuits.discovery import classify_heads, find_circuit
 from ioi.circuits.paths_discovery import PathsConfig
 from ioi.dataset import corrupt, make_dataset
 from ioi.engines import attribution, auto, check
@@ -149,6 +148,12 @@ class Study:
         return logit_attribution.head_attributions(self.model, self.clean, self.config.seed)
 
     @_analysis
+    def per_prompt_head_dla(self) -> pd.DataFrame:
+        """Every head's direct logit attribution on every clean prompt."""
+        frame = logit_attribution.per_prompt_attributions(self.model, self.clean)
+        return frame[frame.component == "head"][["prompt_index", "layer", "head", "dla"]].reset_index(drop=True)
+
+    @_analysis
     def layer_attributions(self) -> pd.DataFrame:
         return logit_attribution.layer_attributions(self.model, self.clean, self.config.seed)
 
@@ -206,7 +211,24 @@ class Study:
 
     @_analysis
     def head_scores(self) -> pd.DataFrame:
-        return head_scores.head_scores(self.model, self.clean)
+        """Every head's attention and copy scores on the IOI prompts and its attention scores on
+        repeated random tokens (`ioi.analyses.head_scores`)."""
+        rules = classes.load_rules()
+        return head_scores.head_scores(self.model, self.clean, rules.random_length, rules.random_n)
+
+    def members(self, cls: str) -> list[tuple[int, int]]:
+        """The circuit's heads of class `cls` that pass the class's definition
+        (`ioi.circuits.classes`): the heads an experiment on that class acts on. Off GPT-2 small
+        only the discovery's steps up to the one that finds `cls` run (name movers: the direct
+        paths to the logits alone)."""
+        if self.config.model == "gpt2-small":
+            candidates = self.circuit().classes.get(cls, ())
+        else:
+            step = paths_discovery.STEP_OF[cls]
+            candidates = paths_discovery.to_circuit(self.paper_circuit_table(step)).classes.get(cls, ())
+        scores = self.head_scores().set_index(["layer", "head"])
+        rules = classes.load_rules()
+        return [h for h in candidates if classes.is_member(cls, scores.loc[h], rules)]
 
     # --- Path patching -------------------------------------------------------------------------
 
@@ -233,17 +255,18 @@ class Study:
     def path_patching_to_logits(self) -> pd.DataFrame:
         return self._sweep("logits")
 
-    def name_movers(self) -> list[tuple[int, int]]:
-        return list(self.circuit().classes.get("name mover", ()))
-
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
-        return self._sweep(self.name_movers(), "q", "END")
+        return self._sweep(self.members("name mover"), "q", "END")
 
     def path_patching_to_s_inhibition(self) -> pd.DataFrame:
         """Senders into the S-inhibition heads' values at S2: finds induction and
         duplicate-token heads."""
-        return self._sweep(self.circuit().classes.get("S-inhibition", ()), "v", "S2")
+        return self._sweep(self.members("S-inhibition"), "v", "S2")
+
+    def path_patching_to_induction(self) -> pd.DataFrame:
+        """Senders into the induction heads' keys at S1+1: finds previous-token heads."""
+        return self._sweep(self.members("induction"), "k", "S1+1")
 
     # --- The circuit ---------------------------------------------------------------------------
 
@@ -255,27 +278,37 @@ class Study:
         return self.paper_circuit()
 
     @_analysis(uses=("n_path", "paths"))
-    def paper_circuit_table(self) -> pd.DataFrame:
+    def paper_circuit_table(self, last_step: int = 4) -> pd.DataFrame:
         """The paper-way discovery's rows: each head over a step's threshold, its class, path
-        effect, scores, check and whether it was kept (`ioi.circuits.paths_discovery`)."""
-        return paths_discovery.paper_way_circuit(self._sweep, self.head_scores(), self.config.paths)
+        effect, scores, check and whether it was kept (`ioi.circuits.paths_discovery`), for its
+        steps up to `last_step`."""
+        return paths_discovery.paper_way_circuit(
+            self._sweep, self.head_scores(), self.config.paths, classes.load_rules(), last_step)
 
     def paper_circuit(self) -> criteria.Circuit:
         return paths_discovery.to_circuit(self.paper_circuit_table())
 
-    def found_circuit(self) -> criteria.Circuit:
-        """The baseline procedure: the smallest top-k by |activation patching| reaching the
-        target faithfulness, classes from head scores (`ioi.circuits.discovery`)."""
-        found = self._found_circuit_table()
-        logit_diff = self.baseline().logit_diff.mean()
-        return classify_heads(found[found.in_circuit], self.head_scores(), self.head_attributions(), logit_diff)
+    @_analysis
+    def attribution_estimates(self) -> pd.DataFrame | None:
+        """Every head's attribution-patching estimate (layer, head, estimate), where the fast
+        engine is exact on the model (`ioi.engines.attribution`); None elsewhere."""
+        model, clean, corrupted = self.model, self.clean, self.corrupted
+        if not check.use_fast(model, clean, corrupted):
+            return None
+        estimate = attribution.attribute(
+            model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token).head
+        return pd.DataFrame([{"layer": l, "head": h, "estimate": float(estimate[l, h])}
+                             for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)])
 
     @_analysis
-    def _found_circuit_table(self) -> pd.DataFrame:
-        return find_circuit(
-            self.model, self.clean, self.corrupted, self.head_patching(),
-            self.config.faithfulness_target,
-        )
+    def smallest_circuit(self) -> pd.DataFrame:
+        """The fewest heads, ranked by attribution patching (activation patching where the fast
+        engine is not exact), that keep the target faithfulness (`ioi.circuits.discovery`)."""
+        estimates = self.attribution_estimates()
+        ranking = (curve.by_size(self.head_patching(), "patched_metric") if estimates is None
+                   else curve.by_size(estimates, "estimate"))
+        table = discovery.smallest_top_k(self.model, self.clean, self.corrupted, ranking, self.config.faithfulness_target)
+        return table.assign(method="activation patching" if estimates is None else "attribution patching")
 
     @_analysis
     def faithfulness(self) -> dict:
@@ -308,14 +341,8 @@ class Study:
             ("paths", None): paths_discovery.ranking(self.paper_circuit_table(), self.head_patching()),
             ("activation patching", None): curve.by_size(self.head_patching(), "patched_metric"),
         }
-        if check.use_fast(model, clean, corrupted):  # attribution patching runs on the fast model only
-            estimate = attribution.attribute(
-                model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token
-            ).head
-            estimates = pd.DataFrame(
-                [{"layer": l, "head": h, "estimate": float(estimate[l, h])}
-                 for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-            )
+        estimates = self.attribution_estimates()  # attribution patching runs on the fast model only
+        if estimates is not None:
             rankings[("attribution patching", None)] = curve.by_size(estimates, "estimate")
         for seed, order in curve.random_rankings(model.cfg.n_layers, model.cfg.n_heads, cfg.random_seeds).items():
             rankings[("random", seed)] = order
@@ -334,3 +361,46 @@ class Study:
     def faithfulness_curve_summary(self) -> pd.DataFrame:
         n_heads = self.model.cfg.n_layers * self.model.cfg.n_heads
         return curve.summarise(self.faithfulness_curve(), n_heads, self.config.curve.target)
+
+    # --- The paper's further experiments (§3.2-3.4, Fig. 8, App. A and J) ----------------------
+
+    def backup(self) -> pd.DataFrame | None:
+        """Every component's direct effect per prompt before and after mean-ablating the name
+        movers (`ioi.circuits.knockouts.backup_changes`); None without name movers."""
+        movers = self.members("name mover")
+        return self._backup(tuple(movers)) if movers else None
+
+    @_analysis
+    def _backup(self, movers: tuple) -> pd.DataFrame:
+        return knockouts.backup_changes(self.model, self.clean, self.corrupted, list(movers))
+
+    @_analysis
+    def mlp_knockout(self) -> pd.DataFrame:
+        """The logit difference per prompt with every MLP after the first mean-ablated (App. J)."""
+        return knockouts.mlp_knockout(self.model, self.clean, self.corrupted)
+
+    @_analysis
+    def extra_io(self) -> pd.DataFrame:
+        """The adversarial prompts with two more mentions of IO, against the same prompts
+        without them (Fig. 8; `ioi.analyses.adversarial`)."""
+        return adversarial.extra_io(self.model, self.clean)
+
+    def name_mover_attention(self) -> pd.DataFrame | None:
+        """The name movers' attention from END to IO and S2, clean and with the S-inhibition
+        heads' outputs from ABC along the path into their queries (§3.2); None without both."""
+        senders, movers = self.members("S-inhibition"), self.members("name mover")
+        return self._name_mover_attention(tuple(senders), tuple(movers)) if senders and movers else None
+
+    @_analysis
+    def _name_mover_attention(self, senders: tuple, movers: tuple) -> pd.DataFrame:
+        return s_inhibition.name_mover_attention(self.model, self.clean, self.corrupted, list(senders), list(movers))
+
+    def position_token(self) -> pd.DataFrame | None:
+        """The S-inhibition signal split into position and token (App. A); None without
+        S-inhibition heads and name movers."""
+        senders, movers = self.members("S-inhibition"), self.members("name mover")
+        return self._position_token(tuple(senders), tuple(movers)) if senders and movers else None
+
+    @_analysis
+    def _position_token(self, senders: tuple, movers: tuple) -> pd.DataFrame:
+        return s_inhibition.position_token(self.model, self.clean, self.model.tokenizer, list(senders), list(movers))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ioi.dataset import DATA_DIR
 from ioi.claims import handover_layer
-from ioi.report.text import MarkdownTable, Md, ci, fmt, listing, pct
+from ioi.report.text import Count, MarkdownTable, Md, ci, fmt, listing, pct
 
 
 CLAIMS_PATH = DATA_DIR / "published_claims.csv"
@@ -215,26 +215,37 @@ def scorecard_table(card: pd.DataFrame) -> MarkdownTable:
 # --- Structural claims (`ioi.claims`) -------------------------------------------------------------
 
 
-def _fact_text(value) -> str:
+def _fact_text(value) -> str | Count:
     """A fact for a claim's sentence: head lists joined, shares as percentages."""
     if isinstance(value, (list, tuple)):
         return str(listing(value))
     if isinstance(value, (float, np.floating)):
         return str(pct(value))
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return Count(value)
     return str(value)
 
 
 def claim_value(row) -> str:
-    """A claim's number as a table cell: a share as a percentage, a depth as a fraction."""
+    """A claim's number as a table cell: a share as a percentage, a depth or a logit difference
+    as a number."""
     if pd.isna(row.value):
         return "n/a"
-    return str(fmt(row.value)) if row.unit == "depth" else str(pct(row.value))
+    return str(fmt(row.value)) if row.unit in ("depth", "logit") else str(pct(row.value))
+
+
+def claim_interval(row) -> str:
+    """A claim's 95% interval as text, in its value's unit ('n/a' where it has none)."""
+    if pd.isna(row.ci_low) or pd.isna(row.ci_high):
+        return "n/a"
+    return str(ci(row.ci_low, row.ci_high, 2)) if row.unit in ("depth", "logit") else _pct_ci(row)
 
 
 def claim_sentence(row) -> Md:
-    """The sentence the claim's verdict picked, with its facts filled in."""
+    """The sentence the claim's verdict picked, with its facts filled in ({value}, {ci}, and
+    counts that agree with their noun: {k:head})."""
     facts = {k: _fact_text(v) for k, v in row.facts.items()}
-    return Md(row.text.format(value=claim_value(row), **facts))
+    return Md(row.text.format(value=claim_value(row), ci=claim_interval(row), **facts))
 
 
 def claim_sentences(frame: pd.DataFrame) -> dict[str, Md]:
@@ -251,8 +262,7 @@ def by_verdict(frame: pd.DataFrame) -> dict[str, Md]:
 
 def claims_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """The structural claims in the central table's columns."""
-    ours = [claim_value(r) + (f" {ci(r.ci_low, r.ci_high, 2) if r.unit == 'depth' else _pct_ci(r)}"
-                              if not (pd.isna(r.ci_low) or pd.isna(r.ci_high)) else "")
+    ours = [claim_value(r) + ("" if claim_interval(r) == "n/a" else f" {claim_interval(r)}")
             for r in frame.itertuples(index=False)]
     return pd.DataFrame({"Claim": frame.claim, "GPT-2 small (paper)": frame.paper, "Ours [95% CI]": ours,
                          "Rule": frame.rule, "Verdict": frame.verdict})

@@ -42,6 +42,21 @@ def ci(low, high, digits: int = 2) -> Md:
     return Md(f"[{fmt(low, digits)}, {fmt(high, digits)}]")
 
 
+class Count(int):
+    """A count that agrees its noun in number: f"{Count(1):name mover}" is "1 name mover",
+    f"{Count(3):head}" is "3 heads"; with no noun, a plain number."""
+
+    def __format__(self, noun: str) -> str:
+        if not noun or not noun[-1].isalpha():
+            return format(int(self), noun)
+        return f"{int(self)} {noun}" + ("" if int(self) == 1 else "es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def count(n: int, noun: str) -> Md:
+    """'1 name mover', '2 name movers'."""
+    return Md(format(Count(n), noun))
+
+
 def heads(hs) -> Md:
     """Heads as the paper writes them: 9.9, 9.6 and 10.0."""
     names = [f"{l}.{h}" for l, h in hs]
