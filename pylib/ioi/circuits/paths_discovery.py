@@ -104,14 +104,14 @@ def paper_way_circuit(sweep: Sweep, scores: pd.DataFrame, config: PathsConfig = 
         receivers = found(*receiver_classes)
         if not receivers:
             continue
-        frame = _into_later_receivers(sweep, receivers, receiver_input, position)
+        frame = into_later_receivers(sweep, receivers, receiver_input, position)
         rows += _step(frame, step, share, both_signs=False, scores=scores, taken=rows, classify=classify)
     for row in rows:
         row["check"], row["why"] = _check(row, config.attention_floor, row["why"])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_input: str, position: str) -> pd.DataFrame:
+def into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_input: str, position: str) -> pd.DataFrame:
     """Every head before the last receiver as a sender into the receivers after its layer."""
     layers = sorted({l for l, _ in receivers})
     frames = []
