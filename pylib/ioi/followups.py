@@ -313,23 +313,24 @@ def _difference_row(abba: pd.DataFrame, baba: pd.DataFrame, seed: int) -> dict:
     }
 
 
-# --- The extension: the found circuit's classes, against GPT-2 small's ------------------------
+# --- The extension: the study's circuit's classes, against GPT-2 small's ----------------------
 
 
 def circuit_classes(study: Study) -> pd.DataFrame:
-    """The found circuit's heads by class, with each head's relative depth."""
-    frame = study.found_circuit().to_frame()
+    """The study's circuit's heads by class (found the paper's way, `Study.circuit`), with each
+    head's relative depth."""
+    frame = study.circuit().to_frame()
     return frame.assign(relative_depth=relative_depth(frame.layer, study.model.cfg.n_layers))
 
 
 def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
     """Per class: heads and mean relative depth in the paper's GPT-2 small circuit and in a
-    found circuit (from `circuit_classes`). The paper's was drawn by hand over many experiments,
-    the found one by a fixed procedure, so counts compare procedures as much as models."""
+    study's circuit (from `circuit_classes`). The paper's was drawn by hand over many experiments,
+    the other by a fixed procedure, so counts compare procedures as much as models."""
     paper = criteria.load_circuit().to_frame()
     paper = paper.assign(relative_depth=relative_depth(paper.layer, GPT2_SHAPES["gpt2-small"]["n_layers"]))
     parts = []
-    for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (found)", found)):
+    for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (paths)", found)):
         grouped = frame.groupby("class").agg(heads=("layer", "size"), mean_relative_depth=("relative_depth", "mean"))
         parts.append(grouped.reset_index().assign(model=label))
     return pd.concat(parts, ignore_index=True)

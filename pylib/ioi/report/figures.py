@@ -323,13 +323,13 @@ def _group_height(n_rows: int, receives: bool) -> float:
     return 2 * PAD + LINE * FONT + (LINE * SMALL if receives else 0) + n_rows * ROW
 
 
-def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame) -> dict:
+def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame, max_column_height: int | float = MAX_COLUMN_HEIGHT) -> dict:
     """Where everything of `circuit_diagram` goes, in chart pixels (y down): `groups` (a box per
     class and one for the logits, with its title and, where it receives a path, the port where
     those edges arrive and what they carry), `heads` (marker and name), `edges` (from the
     sender's group, at its head's row, to the receiving group's port), and the chart's `width`
     and `height`. Groups stack in columns and heads in cells as wide as the widest name, so
-    nothing can overlap; a column taller than `MAX_COLUMN_HEIGHT` puts more heads in a row."""
+    nothing can overlap; a column taller than `max_column_height` puts more heads in a row."""
     heads = nodes.sort_values(["layer", "head"]).assign(
         label=lambda f: f.id + np.where(f.flagged.astype(bool), FLAG, ""),
         colour=lambda f: f["class"].map(CLASSES).fillna(CLASSES["other"]),
@@ -348,7 +348,7 @@ def circuit_layout(nodes: pd.DataFrame, edges: pd.DataFrame) -> dict:
         for per_row in range(1, most + 1):
             rows = {c: -(-len(m) // per_row) for c, m in members.items()}
             height = sum(_group_height(rows[c], c in carries) for c in column) + GROUP_GAP * (len(column) - 1)
-            if height <= MAX_COLUMN_HEIGHT:
+            if height <= max_column_height:
                 break
         width = 2 * PAD + max(max(text_width(c, FONT), text_width(carries.get(c, ""), SMALL),
                                   min(per_row, len(members[c])) * cell) for c in column)
@@ -384,14 +384,14 @@ def _px(field: str, channel=alt.X):
     return channel(f"{field}:Q", scale=None, axis=None)
 
 
-def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame) -> alt.LayerChart:
+def circuit_diagram(nodes: pd.DataFrame, edges: pd.DataFrame, max_column_height: int | float = MAX_COLUMN_HEIGHT) -> alt.LayerChart:
     """The circuit as measured (`ioi.report.tables.circuit_graph`: nodes with `id`, `layer`,
     `head`, `class`, `effect`, `check`, `flagged`; edges with `source`, `target`, `carries`,
     `effect`, `size`, `sign`), drawn as in the paper's Figure 2 (see `circuit_layout`): edge
     width is the share of the logit difference the path carries, colour its sign; a hollow
     marker and a dagger mark a head that failed its class's check (kept, as the discovery keeps
     it). `label_problems(chart, nodes)` is empty for every chart this returns."""
-    layout = circuit_layout(nodes, edges)
+    layout = circuit_layout(nodes, edges, max_column_height)
     groups, heads, edges = layout["groups"], layout["heads"], layout["edges"]
     checked = heads["check"].map(lambda c: c is not None and not pd.isna(c))
     statuses = np.where(heads.flagged.astype(bool), CHECKS[False], np.where(checked, CHECKS[True], CHECKS[None]))

@@ -344,14 +344,14 @@ def family_phrases(ext=None, ext_study=None, classes=None, scores=None, template
     if ext is None:
         return phrases
     diff = order_summary(templates)[2]
-    cfg = ext_study.model.cfg
+    circuit, cfg = ext_study.circuit(), ext_study.model.cfg  # found the paper's way (`paths_discovery`)
     phrases.update(
         shape=Md(f"{count(cfg.n_layers, 'layer')} of {count(cfg.n_heads, 'head')}"),
         logit_diff=ci_text(ext.logit_diff_mean, ext.logit_diff_ci_low, ext.logit_diff_ci_high),
-        circuit_size=count(int(ext.circuit_size), "head"),
-        circuit_share=pct(float(ext.circuit_share_of_heads)),
-        circuit_faithfulness=ci_text(ext.circuit_faithfulness, ext.circuit_faithfulness_ci_low, ext.circuit_faithfulness_ci_high, percent=True),
-        found_classes=class_text(classes, model + " (found)"),
+        circuit_size=count(len(circuit.heads), "head"),
+        circuit_share=pct(len(circuit.heads) / (cfg.n_layers * cfg.n_heads)),
+        found_classes=class_text(classes, model + " (paths)"),
+        checks=check_text(ext_study.paper_circuit_table()),
         paper_classes=class_text(classes, "gpt2-small (Wang et al.)"),
         n_name_movers=count(len(ext.name_movers), "name mover"),
         name_movers=listing(ext.name_movers),
