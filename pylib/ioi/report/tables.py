@@ -127,7 +127,7 @@ def graph_from_paths(paths: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def circuit_heads(study) -> pd.DataFrame:
     """The circuit's heads, one row per class: how many, and every one of them by layer (the
-    complete list, for when the diagram names only the strongest)."""
+    diagram's heads as a table)."""
     frame = study.circuit().to_frame().sort_values(["layer", "head"])
     order = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
     rows = []
