@@ -24,7 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = ROOT / "chapters"
 DOCUMENTS = {"report.qmd": 3000, "reflection.qmd": 550}  # output -> prose word budget
-MAX_FIGURES_AND_TABLES = 8  # in the report's body
+MAX_FIGURES_AND_TABLES = 9  # in the report's body (the second family's circuit diagram is the ninth)
 
 CELL = re.compile(r"^```\{python[^}]*\}[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 FENCE = re.compile(r"^```.*?^```[ \t]*$", re.S | re.M)

@@ -29,12 +29,9 @@ def frames() -> dict:
         [{"head": hd, "query": f"{q}:t{q}", "key": f"{k}:t{k}", "query_pos": q, "key_pos": k, "attention": 1 / (q + 1)}
          for hd in ("0.1", "2.3") for q in range(4) for k in range(q + 1)]
     )
-    nodes = pd.DataFrame({"id": ["0.1", "2.3", "logits"], "class": ["induction", "name mover", "logits"],
-                          "layer": [0, 2, 3], "head": [1, 3, -1], "x": [0.0, 2.0, 3.0], "y": [0.0, 1.0, 0.5],
-                          "row": [0, 1, -1]})
-    edges = pd.DataFrame({"source": ["0.1", "2.3"], "target": ["2.3", "logits"], "receiver": ["name movers", "logits"],
-                          "strength": [0.3, -0.1], "x": [0.0, 2.0], "y": [0.0, 1.0], "x2": [2.0, 3.0], "y2": [1.0, 0.5],
-                          "sign": ["helps IO", "hurts IO"], "size": [0.3, 0.1]})
+    nodes, edges = tables.graph_from_paths(pd.DataFrame({
+        "layer": [0, 1, 2], "head": [1, 2, 3], "class": ["induction", "S-inhibition", "name mover"], "step": [3, 2, 1],
+        "effect": [0.3, 0.2, -0.1], "check": [True, False, True]}))
     return {
         "dla": grid("mean", ci_low=-1.0, ci_high=1.0, n=8),
         "patching": grid("patched_metric", logit_diff=0.0),
@@ -90,6 +87,162 @@ def test_circuit_diagram_sizes_edges_by_effect(frames):
     rule = next(l for l in layers if l["mark"]["type"] == "rule")
     assert rule["encoding"]["strokeWidth"]["field"] == "size"
     assert rule["encoding"]["color"]["field"] == "sign"
+
+
+# --- The circuit diagram: every head and class named, no two labels overlapping -------------------
+
+# A crowded circuit: every class, five name movers in layer 10 (as SmolLM2's five in layer 23),
+# pairs in adjacent layers, a flagged head, a class outside the paper's (drawn without an edge)
+# and paths of all four steps, negative ones included.
+CROWDED = [  # class, step, heads, effect of the first (the rest a little weaker)
+    ("previous token", 4, ["2.2", "4.11"], 0.03),
+    ("duplicate token", 3, ["0.1", "0.10", "3.0"], 0.04),
+    ("induction", 3, ["5.5", "5.8", "5.9", "6.9"], 0.05),
+    ("S-inhibition", 2, ["7.3", "7.9", "8.6", "8.10"], 0.12),
+    ("name mover", 1, ["9.9", "9.6", "10.0", "10.1", "10.2", "10.3", "10.4"], 0.25),
+    ("negative name mover", 1, ["10.7", "11.10"], -0.15),
+    ("backup name mover", 1, ["9.0", "9.7", "10.6", "10.10", "11.2", "11.9"], 0.02),
+    ("other", None, ["4.4"], None),
+]
+FLAGGED = "5.8"
+
+
+def crowded_paths() -> pd.DataFrame:
+    rows = [{"layer": int(h.split(".")[0]), "head": int(h.split(".")[1]), "class": cls, "step": step,
+             "effect": None if effect is None else effect * (1 - 0.1 * i), "check": h != FLAGGED}
+            for cls, step, heads, effect in CROWDED for i, h in enumerate(heads)]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def crowded():
+    nodes, edges = tables.graph_from_paths(crowded_paths())
+    chart = figures.circuit_diagram(nodes, edges)
+    return nodes, edges, chart, chart.to_dict()
+
+
+def layer_data(spec: dict, mark: str, field: str) -> pd.DataFrame:
+    """The data of the first layer of a mark type whose encoding uses `field`."""
+    for layer in spec["layer"]:
+        kind = layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"]
+        fields = {e.get("field") for e in layer["encoding"].values() if isinstance(e, dict)}
+        if kind == mark and field in fields:
+            return pd.DataFrame(spec["datasets"][layer["data"]["name"]])
+    raise KeyError((mark, field))
+
+
+def test_crowded_circuit_names_every_head_and_class_without_overlap(crowded):
+    """Every head and every class (and the logits) has a label, no two labels or markers
+    overlap, no label leaves the chart and no edge crosses a label, at print size."""
+    nodes, _, chart, spec = crowded
+    assert figures.label_problems(chart, nodes) == []
+    texts = figures.label_boxes(spec).query("kind == 'text'").text
+    assert {t.rstrip(figures.FLAG) for t in texts} >= set(nodes.id) | set(nodes["class"]) | {"logits"}
+    assert len(nodes) == sum(len(heads) for _, _, heads, _ in CROWDED)
+    assert spec["width"] <= 650 and spec["height"] <= 280  # an A4 text width at 96 px an inch
+
+
+def test_label_check_finds_overlaps_and_missing_labels():
+    """The check is not vacuous: two names drawn at one place overlap, and a head or class that
+    the chart does not name is reported."""
+    frame = pd.DataFrame({"id": ["23.0", "23.1"], "x": [50.0, 52.0], "y": [40.0, 43.0]})
+    chart = (alt.Chart(frame).mark_point(size=49).encode(x=alt.X("x:Q", scale=None), y=alt.Y("y:Q", scale=None))
+             + alt.Chart(frame).mark_text(align="left", dx=6, fontSize=10).encode(
+                 x=alt.X("x:Q", scale=None), y=alt.Y("y:Q", scale=None), text="id:N")).properties(width=100, height=80)
+    problems = figures.label_problems(chart, pd.DataFrame({"id": ["23.0", "23.1", "24.4"], "class": ["name mover"] * 3}))
+    assert "text '23.0' overlaps text '23.1'" in problems
+    assert "marker '23.0' overlaps marker '23.1'" in problems
+    assert "head 24.4 has no label" in problems and "class 'name mover' has no label" in problems
+
+
+def test_every_path_step_has_its_edges_into_the_class_that_receives_it(crowded):
+    """One edge per head whose path was measured, all four steps, each from its head's row to
+    the receiving group's port, which names what the path carries."""
+    nodes, edges, _, spec = crowded
+    drawn = layer_data(spec, "rule", "size")
+    assert sorted(drawn.step.unique()) == [1, 2, 3, 4]
+    assert set(drawn.source) == set(nodes.id[nodes["class"] != "other"])
+    expected = {1: "logits", 2: "name mover", 3: "S-inhibition", 4: "induction"}
+    assert all(expected[s] == t for s, t in zip(drawn.step, drawn.target))
+    heads = layer_data(spec, "text", "label").set_index("id")
+    assert (drawn.y.to_numpy() == heads.loc[drawn.source, "y"].to_numpy()).all()
+    groups = layer_data(spec, "rect", "x0").set_index("class")
+    assert (drawn.x2.to_numpy() == groups.loc[drawn.target, "x0"].to_numpy()).all()
+    assert (drawn.x.to_numpy() == groups.loc[nodes.set_index("id").loc[drawn.source, "class"], "x1"].to_numpy()).all()
+    texts = set(figures.label_boxes(spec).text)
+    assert {carries for _, _, _, carries in tables.DISCOVERY_STEPS.values()} <= texts
+
+
+def test_flagged_heads_are_hollow_and_daggered(crowded):
+    """A head that failed its class's check is drawn hollow and named with a dagger, and the
+    legend says so; no other head is."""
+    _, _, _, spec = crowded
+    names = layer_data(spec, "text", "label")
+    assert names.label[names.id == FLAGGED].tolist() == [FLAGGED + figures.FLAG]
+    assert not names.label[names.id != FLAGGED].str.contains(figures.FLAG).any()
+    markers = layer_data(spec, "point", "status")
+    assert markers.status[markers.id == FLAGGED].tolist() == [figures.CHECKS[False]]
+    assert (markers.status[markers.id != FLAGGED] == figures.CHECKS[True]).all()
+    shape = next(l for l in spec["layer"] if l["encoding"].get("shape", {}).get("field") == "status")["encoding"]["shape"]
+    assert dict(zip(shape["scale"]["domain"], shape["scale"]["range"]))[figures.CHECKS[False]] == figures.RING
+    assert "legend" in shape and shape["legend"] is not None
+
+
+def test_many_heads_in_one_class_stay_legible():
+    """Forty name movers in three layers: the group puts several in a row and still no two
+    labels overlap, and the chart stays about as tall as the page allows."""
+    paths = pd.DataFrame([{"layer": 20 + i // 15, "head": i % 15, "class": "name mover", "step": 1, "effect": 0.01 * (i + 1),
+                           "check": True} for i in range(40)])
+    nodes, edges = tables.graph_from_paths(paths)
+    chart = figures.circuit_diagram(nodes, edges)
+    assert figures.label_problems(chart, nodes) == []
+    assert chart.to_dict()["height"] <= figures.MAX_COLUMN_HEIGHT
+
+
+def test_an_empty_circuit_draws_the_logits_alone():
+    """A discovery that keeps no head still gives a chart that renders (no empty legend)."""
+    import vl_convert as vlc
+
+    from ioi.circuits.paths_discovery import COLUMNS
+
+    nodes, edges = tables.graph_from_paths(pd.DataFrame(columns=COLUMNS))
+    chart = figures.circuit_diagram(nodes, edges)
+    assert figures.label_problems(chart, nodes) == []
+    assert vlc.vegalite_to_png(chart.to_dict()).startswith(b"\x89PNG")
+
+
+def test_the_graph_has_one_edge_per_measured_path():
+    """From the discovery's rows: the previous-token head's edge runs into the induction heads
+    (its step 4), a flagged check is kept as a flag, and a head with no step has no edge."""
+    nodes, edges = tables.graph_from_paths(crowded_paths())
+    assert edges.set_index("source").loc["2.2", "target"] == "induction"
+    assert nodes.set_index("id").flagged.to_dict()[FLAGGED] and nodes.flagged.sum() == 1
+    assert "4.4" not in set(edges.source) and len(edges) == len(nodes) - 1
+    assert (edges.sign[edges.effect < 0] == "hurts IO").all() and (edges["size"] >= 0).all()
+
+
+def test_a_given_circuit_measures_each_heads_path_into_its_own_receivers():
+    """The paper's heads (a circuit given by hand): each head's effect is read from the sweep of
+    its class's step, into that class's receivers in this circuit, through the input the
+    discovery patches; nothing is checked, so nothing is flagged."""
+    from ioi.circuits.criteria import Circuit
+
+    circuit = Circuit({"name mover": ((9, 9),), "S-inhibition": ((7, 3),), "induction": ((5, 5),), "previous token": ((4, 11),)},
+                      {c: "END" for c in ("name mover", "S-inhibition", "induction", "previous token")})
+    calls = []
+
+    def sweep(receivers, receiver_input, position, first_layer):
+        calls.append((receivers, receiver_input, position))
+        code = {"logits": 1, "q": 2, "v": 3, "k": 4}[receiver_input or receivers]
+        return pd.DataFrame([{"layer": l, "head": h, "relative_change": -code / 10 - l / 1000}
+                             for l in range(first_layer, 12) for h in range(12)])
+
+    paths = tables.measured_paths(circuit, sweep).set_index(["layer", "head"])
+    assert (("logits", None, None) in calls and (((9, 9),), "q", "END") in calls
+            and (((7, 3),), "v", "S2") in calls and (((5, 5),), "k", "S1+1") in calls)
+    assert paths.effect.to_dict() == pytest.approx({(9, 9): 0.109, (7, 3): 0.207, (5, 5): 0.305, (4, 11): 0.404})
+    nodes, edges = tables.graph_from_paths(paths.reset_index())
+    assert not nodes.flagged.any() and len(edges) == 4
 
 
 def _execute_info(tmp_path, monkeypatch, to: str) -> None:

@@ -215,24 +215,6 @@ def test_the_reflection_is_titled_for_the_model_it_measured(rendered):
 # --- The pieces the render relies on (no Quarto needed) -----------------------------------------
 
 
-def test_a_large_circuit_names_only_its_strongest_heads():
-    """More than MAX_LABELLED heads: two names per class (the strongest); a small circuit: all."""
-    import pandas as pd
-
-    from ioi.report import tables
-
-    heads = pd.DataFrame([{"layer": l, "head": h, "class": "induction" if l < 5 else "name mover"}
-                          for l in range(10) for h in range(4)])
-    nodes = tables._place_nodes(heads, 10)
-    nodes = nodes.assign(strength=nodes.layer.astype(float) + nodes["head"] / 10)
-    big = tables._mark_labelled(nodes)
-    assert set(big[big.labelled & (big["class"] != "logits")].id) == {"4.3", "4.2", "9.3", "9.2"}
-    small = tables._mark_labelled(nodes[nodes.layer < 3])
-    assert small.labelled.all()
-    # a crowded (layer, class) cell stays inside its row
-    assert (nodes.groupby("class").y.agg(lambda y: y.max() - y.min()) < 1).all()
-
-
 def test_markdown_tables_size_columns_by_their_text():
     """The rule line gives the sentence column the most dashes; numbers align right."""
     import pandas as pd

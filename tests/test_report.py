@@ -121,6 +121,31 @@ def test_numbers_for_prose_use_true_minus_signs():
     assert text.fmt(2.0)._repr_markdown_() == "2.00"
 
 
+def test_counts_in_prose_agree_in_number():
+    """A printed count takes the singular for one and the plural otherwise ('1 name movers' was
+    printed before), for a plain noun, a class of heads and a list of classes."""
+    import numpy as np
+
+    from ioi.circuits.criteria import Circuit
+
+    assert text.count(1, "name mover") == "1 name mover" and text.count(2, "name mover") == "2 name movers"
+    assert text.count(0, "head") == "0 heads" and text.count(np.int64(1), "head") == "1 head"
+    assert text.count(3, "class") == "3 classes" and text.count(1200, "prompt") == "1,200 prompts"
+    assert text.count(2, "mouse", "mice") == "2 mice"
+    assert text.class_count(1, "induction") == "1 induction head" and text.class_count(2, "duplicate token") == "2 duplicate-token heads"
+    assert text.class_count(1, "negative name mover") == "1 negative name mover"
+    circuit = Circuit({"name mover": ((9, 9),), "induction": ((5, 5), (6, 9))}, {"name mover": "END", "induction": "S2"})
+    assert text.class_sizes(circuit) == "1 name mover and 2 induction heads"
+    table = pd.DataFrame({"kept": [True, True, False], "check": [False, True, False]})
+    assert text.check_text(table).startswith("1 of them fails its class's")
+    assert text.check_text(table.assign(check=False)).startswith("2 of them fail their class's")
+    assert text.circuit_origin(circuit, None, None) == "the paper's 3 heads"
+    from ioi.circuits.paths_discovery import PathsConfig
+
+    origin = text.circuit_origin(circuit, table, PathsConfig())
+    assert "by path patching: 3 heads, each kept" in origin and origin.endswith("1 of them fails its class's attention or copy-score check and is kept but flagged")
+
+
 def test_output_format_reads_quarto_execute_info(tmp_path, monkeypatch):
     """The target comes from format.pandoc.to in the file QUARTO_EXECUTE_INFO names."""
     info = tmp_path / "info.json"

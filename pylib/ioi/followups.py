@@ -253,7 +253,7 @@ def _difference_row(abba: pd.DataFrame, baba: pd.DataFrame, seed: int) -> dict:
     }
 
 
-# --- The extension: the found circuit's classes, against GPT-2 small's ------------------------
+# --- The extension: the study's circuit's classes, against GPT-2 small's ----------------------
 
 
 def circuit_classes(study: Study) -> pd.DataFrame:
@@ -269,7 +269,7 @@ def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
     paper = criteria.load_circuit().to_frame()
     paper = paper.assign(relative_depth=relative_depth(paper.layer, 12))
     parts = []
-    for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (found)", found)):
+    for label, frame in (("gpt2-small (Wang et al.)", paper), (f"{model} (paths)", found)):
         grouped = frame.groupby("class").agg(heads=("layer", "size"), mean_relative_depth=("relative_depth", "mean"))
         parts.append(grouped.reset_index().assign(model=label))
     return pd.concat(parts, ignore_index=True)

@@ -110,12 +110,12 @@ def paper_way_circuit(
         receivers = receivers_of(receiving_class)
         if not receivers:
             continue
-        frame = _into_later_receivers(sweep, receivers, receiver_input, position)
+        frame = into_later_receivers(sweep, receivers, receiver_input, position)
         rows += _step(frame, step, share, both_signs=False, scores=scores, taken=rows, rules=rules, classify=classify)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def _into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_input: str, position: str) -> pd.DataFrame:
+def into_later_receivers(sweep: Sweep, receivers: tuple[Head, ...], receiver_input: str, position: str) -> pd.DataFrame:
     """Every head before the last receiver as a sender into the receivers after its layer."""
     layers = sorted({l for l, _ in receivers})
     frames = []

@@ -1,7 +1,7 @@
 """Tables the chapters need that combine analyses of a Study: the three path-patching steps in
-one frame, the circuit as a graph (nodes placed by layer and class, edges from path patching),
-the heads worth showing, attention patterns on one prompt, head scores in long form, the
-and the pooled name-order rows of the template follow-up.
+one frame, the circuit as a graph (its heads, and one edge per head for the path-patching step
+that put it in the circuit), the heads worth showing, attention patterns on one prompt, head
+scores in long form, and the pooled name-order rows of the template follow-up.
 Compute only: a Study in, a tidy DataFrame out.
 """
 
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ioi.circuits import paths_discovery
 from ioi.engines.hooks import run_with_cache
 
 
@@ -39,52 +40,93 @@ def path_patching(study) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-MAX_LABELLED = 30  # a diagram with more heads than this names only the strongest of each class
+# The paper-way discovery's four steps (`ioi.circuits.paths_discovery`), each a path into one
+# receiving class: step -> (receiving class, the receivers' input, its position, what the
+# diagram says the path carries). Step 1 reaches the logits directly.
+DISCOVERY_STEPS = {
+    1: ("logits", None, "END", "direct paths"),
+    2: ("name mover", "q", "END", "via queries at END"),
+    3: ("S-inhibition", "v", "S2", "via values at S2"),
+    4: ("induction", "k", "S1+1", "via keys at S1+1"),
+}
+# The step whose path puts a head of each class in a circuit; a class not listed has none.
+CLASS_STEP = {**paths_discovery.STEP_OF, "backup name mover": 1}
 
 
-def circuit_graph(study, min_effect: float = 0.02, max_senders: int | None = 6) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Nodes (circuit heads and the logits, placed by layer and class) and edges measured by
-    path patching, with strength = the share of the logit difference the path carries.
-
-    A path-patching sweep measures a sender against a whole receiving class at once, so an
-    edge is drawn from the sender to each head of that class, all with the same strength.
-    Edges weaker than `min_effect`, and senders beyond the `max_senders` strongest of each
-    step, are dropped to keep the diagram readable. A node's `strength` is its strongest path;
-    `labelled` marks the heads worth naming: all of them in a small circuit, else the two
-    strongest of each class (every head is listed by `circuit_heads`)."""
-    circuit = study.circuit()
-    nodes = _place_nodes(circuit.to_frame(), study.model.cfg.n_layers)
-    sweeps = path_patching(study)
-    sweeps = sweeps.assign(source=sweeps.layer.astype(str) + "." + sweeps["head"].astype(str))
-    sweeps = sweeps.assign(strength=-sweeps.relative_change)  # patching a path that helps lowers the logit difference
-    sweeps = sweeps[sweeps.source.isin(nodes.id)].assign(size=lambda f: f.strength.abs())
-    nodes = _mark_labelled(nodes.assign(strength=nodes.id.map(sweeps.groupby("source")["size"].max()).fillna(0.0)))
-    sweeps = sweeps[sweeps["size"] >= min_effect].sort_values("size", ascending=False)
-    if max_senders is not None:
-        sweeps = sweeps.groupby("receiver", sort=False).head(max_senders)
-    targets = {step: ["logits"] if cls is None else nodes.id[nodes["class"] == cls].tolist()
-               for step, (_, cls, _, _) in PATH_STEPS.items()}
-    edges = [
-        {"source": row.source, "target": target, "receiver": row.receiver, "strength": row.strength}
-        for row in sweeps.itertuples() for target in targets[row.receiver] if target != row.source
-    ]
-    edges = pd.DataFrame(edges, columns=["source", "target", "receiver", "strength"])
-    at = nodes.set_index("id")[["x", "y"]]
-    edges = edges.join(at, on="source").join(at.rename(columns={"x": "x2", "y": "y2"}), on="target")
-    return nodes, edges.assign(sign=np.where(edges.strength >= 0, "helps IO", "hurts IO"), size=edges.strength.abs())
+def circuit_paths(study) -> pd.DataFrame:
+    """One row per head of the study's circuit, in the discovery table's columns (`layer`, `head`,
+    `class`, `step`, `receivers`, `effect`, `check`): the path that puts the head in the circuit.
+    For the paper-way circuit these are the discovery's own kept rows. For a circuit given by
+    hand (the paper's heads on GPT-2 small) each head's path is measured as the discovery would
+    measure it, into the circuit's own receivers, and `check` is None: nothing was checked."""
+    if study.config.model == "gpt2-small":  # the paper's heads: `Study.circuit`
+        return measured_paths(study.circuit(), study._sweep)
+    table = study.paper_circuit_table()
+    return table[table.kept].reset_index(drop=True)
 
 
-def _mark_labelled(nodes: pd.DataFrame, per_class: int = 2) -> pd.DataFrame:
-    heads = nodes[nodes["class"] != "logits"]
-    if len(heads) <= MAX_LABELLED:
-        return nodes.assign(labelled=True)
-    top = heads.sort_values(["strength", "layer"], ascending=[False, False]).groupby("class").head(per_class).id
-    return nodes.assign(labelled=nodes.id.isin(top) | (nodes["class"] == "logits"))
+def measured_paths(circuit, sweep) -> pd.DataFrame:
+    """Each head's path for its class (`CLASS_STEP`) into the circuit's receivers of that step,
+    from `sweep` (`Study._sweep`); a head whose class has no step, or whose step's receivers the
+    circuit lacks, has no effect (NaN)."""
+    effects = {}
+    for step, (receiver, receiver_input, position, _) in DISCOVERY_STEPS.items():
+        if receiver == "logits":
+            frame = sweep("logits", None, None, 0).assign(receivers="logits")
+        elif circuit.classes.get(receiver):
+            frame = paths_discovery.into_later_receivers(sweep, tuple(sorted(circuit.classes[receiver])), receiver_input, position)
+        else:
+            continue
+        for row in frame.itertuples():
+            effects[step, int(row.layer), int(row.head)] = (-float(row.relative_change), row.receivers)
+    heads = circuit.to_frame().drop_duplicates(["layer", "head"])
+    rows = []
+    for cls, layer, head in zip(heads["class"], heads.layer, heads["head"]):
+        step = CLASS_STEP.get(cls)
+        effect, receivers = effects.get((step, layer, head), (np.nan, ""))
+        rows.append({"layer": layer, "head": head, "class": cls, "step": step, "receivers": receivers,
+                     "effect": effect, "check": None, "kept": True})
+    return pd.DataFrame(rows, columns=["layer", "head", "class", "step", "receivers", "effect", "check", "kept"])
+
+
+def circuit_graph(study) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's circuit as a graph (`graph_from_paths` of `circuit_paths`)."""
+    return graph_from_paths(circuit_paths(study))
+
+
+def graph_from_paths(paths: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Nodes (one per head: `id`, `layer`, `head`, `class`, `step`, `effect`, `check`, `flagged`)
+    and edges (one per head whose path was measured: `source`, the receiving class `target` or
+    "logits", `step`, what the path `carries`, its `effect` as a share of the logit difference,
+    `size` = |effect|, `sign`), from a table in the discovery's columns (`circuit_paths`).
+
+    A path-patching step measures a sender against a whole receiving class at once, so an edge
+    runs from a head to a class, not to one head of it. `flagged` marks the heads that failed
+    their class's attention or copy-score check (`check` False); None means not checked."""
+    paths = paths.drop_duplicates(["layer", "head"]).sort_values(["layer", "head"])
+    check = paths["check"] if "check" in paths else pd.Series(None, index=paths.index, dtype=object)
+    nodes = pd.DataFrame({
+        "id": paths.layer.astype(int).astype(str) + "." + paths["head"].astype(int).astype(str),
+        "layer": paths.layer.astype(int), "head": paths["head"].astype(int), "class": paths["class"],
+        "step": paths.step, "effect": paths.effect.astype(float), "check": check.astype(object),
+    }).reset_index(drop=True)
+    nodes["flagged"] = nodes["check"].map(lambda c: c is not None and not pd.isna(c) and not bool(c))
+    present = set(nodes["class"]) | {"logits"}
+    rows = []
+    for node in nodes.itertuples():
+        step = None if pd.isna(node.step) else int(node.step)
+        if step not in DISCOVERY_STEPS or pd.isna(node.effect) or DISCOVERY_STEPS[step][0] not in present:
+            continue
+        target, _, _, carries = DISCOVERY_STEPS[step]
+        rows.append({"source": node.id, "target": target, "step": step, "carries": carries, "effect": node.effect})
+    edges = pd.DataFrame(rows, columns=["source", "target", "step", "carries", "effect"])
+    edges = edges.assign(size=edges.effect.abs(), sign=np.where(edges.effect >= 0, "helps IO", "hurts IO"))
+    return nodes, edges
 
 
 def circuit_heads(study) -> pd.DataFrame:
     """The circuit's heads, one row per class: how many, and every one of them by layer (the
-    complete list, for when the diagram names only the strongest)."""
+    diagram's heads as a table)."""
     frame = study.circuit().to_frame().sort_values(["layer", "head"])
     order = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
     rows = []
@@ -93,22 +135,6 @@ def circuit_heads(study) -> pd.DataFrame:
         rows.append({"class": c, "heads": len(members),
                      "layer.head": ", ".join(f"{l}.{h}" for l, h in zip(members.layer, members["head"]))})
     return pd.DataFrame(rows, columns=["class", "heads", "layer.head"])
-
-
-def _place_nodes(frame: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    """x = layer, y = class row; heads of one class in one layer are stacked a little apart."""
-    order = [c for c in CLASS_ORDER if c in set(frame["class"])] + sorted(set(frame["class"]) - set(CLASS_ORDER))
-    frame = frame.assign(row=frame["class"].map(order.index)).sort_values(["row", "layer", "head"])
-    slot = frame.groupby(["row", "layer"]).cumcount()
-    width = frame.groupby(["row", "layer"])["head"].transform("size")
-    nodes = frame.assign(
-        id=frame.layer.astype(str) + "." + frame["head"].astype(str),
-        x=frame.layer.astype(float),
-        y=frame.row + (slot - (width - 1) / 2) * np.minimum(0.22, 0.8 / width),  # a crowded cell stays in its row
-    )
-    logits = {"id": "logits", "class": "logits", "layer": n_layers, "head": -1, "x": float(n_layers),
-              "y": (len(order) - 1) / 2, "row": -1}
-    return pd.concat([nodes, pd.DataFrame([logits])], ignore_index=True)[["id", "class", "layer", "head", "x", "y", "row"]]
 
 
 def key_heads(study, k: int = 4) -> list[tuple[int, int]]:

@@ -43,18 +43,14 @@ def ci(low, high, digits: int = 2) -> Md:
 
 
 class Count(int):
-    """A count that agrees its noun in number: f"{Count(1):name mover}" is "1 name mover",
-    f"{Count(3):head}" is "3 heads"; with no noun, a plain number."""
+    """A count that agrees with its noun in number, for sentences written as format strings:
+    f"{Count(1):name mover}" is "1 name mover", f"{Count(3):head}" is "3 heads" (`count`);
+    with no noun, a plain number."""
 
     def __format__(self, noun: str) -> str:
         if not noun or not noun[-1].isalpha():
             return format(int(self), noun)
-        return f"{int(self)} {noun}" + ("" if int(self) == 1 else "es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
-
-
-def count(n: int, noun: str) -> Md:
-    """'1 name mover', '2 name movers'."""
-    return Md(format(Count(n), noun))
+        return str(count(int(self), noun))
 
 
 def heads(hs) -> Md:
@@ -73,10 +69,40 @@ def head_values(frame: pd.DataFrame, column: str, digits: int = 2) -> Md:
     return Md(", ".join(items[:-1]) + " and " + items[-1])
 
 
+def count(n, noun: str, plural: str | None = None) -> Md:
+    """A count with its noun in agreeing number: '1 name mover', '2 name movers', '0 heads'.
+    The last word of `noun` takes an s (es after s, x, ch, sh; ies for a consonant and y)
+    unless `plural` is given."""
+    n = int(n)
+    if n == 1:
+        return Md(f"{fmt(n)} {noun}")
+    if plural is None:
+        stem, _, last = noun.rpartition(" ")
+        if last.endswith(("s", "x", "ch", "sh")):
+            last += "es"
+        elif last.endswith("y") and last[-2:-1] not in tuple("aeiou"):
+            last = last[:-1] + "ies"
+        else:
+            last += "s"
+        plural = f"{stem} {last}" if stem else last
+    return Md(f"{fmt(n)} {plural}")
+
+
+# A head of each class, as a noun ("2 induction heads", "1 name mover"); other classes: "<class> head".
+CLASS_NOUNS = {"S-inhibition": "S-inhibition head", "induction": "induction head",
+               "duplicate token": "duplicate-token head", "previous token": "previous-token head"}
+
+
+def class_count(n, cls: str) -> Md:
+    """'2 induction heads', '1 name mover': a count of one class's heads."""
+    noun = cls if cls.endswith("mover") else CLASS_NOUNS.get(cls, f"{cls} head")
+    return count(n, noun)
+
+
 def class_sizes(circuit) -> Md:
-    """How many heads each class of a circuit has: 3 name mover, 4 S-inhibition, ..."""
-    sizes = [f"{len(hs)} {c}" for c, hs in circuit.classes.items() if hs]
-    return Md(", ".join(sizes) or "no heads")
+    """How many heads each class of a circuit has: '3 name movers, 4 S-inhibition heads and 1
+    previous-token head'."""
+    return listing([class_count(len(hs), c) for c, hs in circuit.classes.items() if hs], empty="no heads")
 
 
 class MarkdownTable:
@@ -201,10 +227,10 @@ def size_text(row) -> str:
     """One size's results in a phrase, for `per_model`."""
     return (
         f"logit difference {ci_text(row.logit_diff_mean, row.logit_diff_ci_low, row.logit_diff_ci_high)}, "
-        f"{len(row.name_movers)} name movers at relative depth {_num(row.name_mover_depth)}, "
-        f"{len(row.negative_name_movers)} negative name movers, "
+        f"{count(len(row.name_movers), 'name mover')} at relative depth {_num(row.name_mover_depth)}, "
+        f"{count(len(row.negative_name_movers), 'negative name mover')}, "
         f"strongest path into the name movers' queries {_num(row.s_inhibition_to_nm_effect, percent=True)}, "
-        f"a found circuit of {row.circuit_size} heads ({_num(row.circuit_share_of_heads, percent=True)} of all) "
+        f"a found circuit of {count(row.circuit_size, 'head')} ({_num(row.circuit_share_of_heads, percent=True)} of all) "
         f"in {row.seconds:.0f} s"
     )
 
@@ -228,10 +254,11 @@ def interval_verdict(low, high):
 
 
 def class_text(comparison: pd.DataFrame, model_label: str):
-    """'3 name mover (depth 0.82), 4 S-inhibition (depth 0.66), ...' for one model of
+    """'3 name movers (depth 0.82), 4 S-inhibition heads (depth 0.66), ...' for one model of
     `class_comparison`."""
     frame = comparison[comparison.model == model_label].sort_values("mean_relative_depth")
-    return listing([f"{r.heads} {r._1} (depth {_num(r.mean_relative_depth)})" for r in frame.itertuples()])
+    return listing([f"{class_count(n, c)} (depth {_num(d)})"
+                    for n, c, d in zip(frame.heads, frame["class"], frame.mean_relative_depth)])
 
 
 def best_heads(scores: pd.DataFrame, score: str):
@@ -328,17 +355,18 @@ def family_phrases(ext=None, ext_study=None, classes=None, scores=None, template
     if ext is None:
         return phrases
     diff = order_summary(templates)[2]
+    circuit, cfg = ext_study.circuit(), ext_study.model.cfg  # found the paper's way (`paths_discovery`)
     phrases.update(
-        shape=Md(f"{ext_study.model.cfg.n_layers} layers of {ext_study.model.cfg.n_heads} heads"),
+        shape=Md(f"{count(cfg.n_layers, 'layer')} of {count(cfg.n_heads, 'head')}"),
         logit_diff=ci_text(ext.logit_diff_mean, ext.logit_diff_ci_low, ext.logit_diff_ci_high),
-        circuit_size=fmt(int(ext.circuit_size)),
-        circuit_share=pct(float(ext.circuit_share_of_heads)),
-        circuit_faithfulness=ci_text(ext.circuit_faithfulness, ext.circuit_faithfulness_ci_low, ext.circuit_faithfulness_ci_high, percent=True),
-        found_classes=class_text(classes, model + " (found)"),
+        circuit_size=count(len(circuit.heads), "head"),
+        circuit_share=pct(len(circuit.heads) / (cfg.n_layers * cfg.n_heads)),
+        found_classes=class_text(classes, model + " (paths)"),
+        checks=check_text(ext_study.paper_circuit_table()),
         paper_classes=class_text(classes, "gpt2-small (Wang et al.)"),
-        n_name_movers=fmt(len(ext.name_movers)),
+        n_name_movers=count(len(ext.name_movers), "name mover"),
         name_movers=listing(ext.name_movers),
-        n_negative=fmt(len(ext.negative_name_movers)),
+        n_negative=count(len(ext.negative_name_movers), "negative name mover"),
         senders=listing(ext.s_inhibition_senders),
         sender_effect=pct(float(ext.s_inhibition_to_nm_effect)),
         induction=best_heads(scores, "induction"),
@@ -351,19 +379,27 @@ def family_phrases(ext=None, ext_study=None, classes=None, scores=None, template
 def circuit_origin(circuit, table: pd.DataFrame | None, paths_config) -> Md:
     """Where the study's circuit comes from, for prose: the paper's heads (`table` None), or the
     paper-way discovery (`ioi.circuits.paths_discovery`) with its thresholds and flagged heads."""
-    n = len(circuit.heads)
+    n = count(len(circuit.heads), "head")
     if table is None:
-        return Md(f"the paper's {n} heads")
+        return Md(f"the paper's {n}")
     kept = table[table.kept]
-    flagged = int((~kept.check.astype(bool)).sum())
     c = paths_config
     return Md(
-        f"found the paper's way, backwards from the answer by path patching: {n} heads, each kept because its path "
+        f"found the paper's way, backwards from the answer by path patching: {n}, each kept because its path "
         f"into the logits (at least {pct(c.logits_share)} of the logit difference), into the name movers' queries "
         f"(at least {pct(c.queries_share)}), or into the S-inhibition heads' values or the induction heads' keys "
-        f"(at least {pct(c.values_share)}) carries the signal, and classed by that path; "
-        f"{flagged} of them fail their class's attention or copy-score check and are kept but flagged"
+        f"(at least {pct(c.values_share)}) carries the signal, and classed by that path; {check_text(table)}"
     )
+
+
+def check_text(table: pd.DataFrame) -> Md:
+    """How many of the paper-way discovery's kept heads failed their class's check, as a clause."""
+    flagged = int((~table[table.kept].check.astype(bool)).sum())
+    if flagged == 0:
+        return Md("every one of them passes its class's attention or copy-score check")
+    if flagged == 1:
+        return Md("1 of them fails its class's attention or copy-score check and is kept but flagged")
+    return Md(f"{fmt(flagged)} of them fail their class's attention or copy-score check and are kept but flagged")
 
 
 def curve_summary(summary: pd.DataFrame, ablation: str = "mean") -> Md:
