@@ -24,6 +24,7 @@ booted again without processing, with a warning, or refused.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -124,10 +125,12 @@ def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> Trans
     pristine = copy.deepcopy(kwargs["hf_model"]) if "hf_model" in kwargs else None
     bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
     tokens, reference = _reference_logits(bridge)
-    bridge.enable_compatibility_mode()
+    with _processing_without_copies():
+        bridge.enable_compatibility_mode()
     difference = check_processing(bridge, tokens, reference)
     if difference is None:
         return bridge
+    del bridge  # before a second copy: a 1.5B model is 6 GB in float32
     warnings.warn(
         f"{name_or_path}: TransformerLens's weight processing changes this model's logits by "
         f"{difference:.3g}; using its unprocessed weights (compatibility mode, no_processing=True).",
@@ -144,6 +147,53 @@ def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> Trans
             f"(logits differ by {difference:.3g} even unprocessed); this model is not supported."
         )
     return bridge
+
+
+# The steps of TransformerLens's `ProcessWeights` that begin by copying their whole state dict.
+COPYING_STEPS = ("fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases",
+                 "refactor_factored_attn_matrices")
+
+
+class _SharedTensor(torch.Tensor):
+    """A tensor whose `clone` is itself (as a plain tensor)."""
+
+    def clone(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+class _SharingStateDict(dict):
+    """A state dict whose values, read through `items()`, clone to themselves."""
+
+    def items(self):
+        return [(k, v.as_subclass(_SharedTensor) if isinstance(v, torch.Tensor) else v)
+                for k, v in super().items()]
+
+
+@contextlib.contextmanager
+def _processing_without_copies():
+    """TransformerLens's weight processing opens each step (fold the layer norms, centre the
+    unembedding, fold the value biases, ...) with a full copy of the state dict, next to the
+    model's own weights and the previous step's copy: three times the model at the peak,
+    18 GB for a 1.5B model in float32. No step writes into a tensor of its state dict (each
+    builds new ones), so here each step's copy shares the unchanged tensors instead: the
+    processed weights are the same, and at most the model and what the steps change are held.
+    `check_processing` still compares the result with the Hugging Face model's logits."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    originals = {name: ProcessWeights.__dict__[name] for name in COPYING_STEPS}
+
+    def sharing(step):
+        def run(state_dict, *args, **kwargs):
+            return step.__func__(_SharingStateDict(state_dict), *args, **kwargs)
+        return staticmethod(run)
+
+    try:
+        for name, step in originals.items():
+            setattr(ProcessWeights, name, sharing(step))
+        yield
+    finally:
+        for name, step in originals.items():
+            setattr(ProcessWeights, name, step)
 
 
 @torch.inference_mode()
@@ -247,11 +297,15 @@ def _dequantise(gguf: Path, directory: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model.
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model around the
+    # same tensors (built on the meta device, so the weights are never held twice).
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
-    model = type(quantised)(type(quantised.config).from_dict(config))
-    model.load_state_dict(quantised.state_dict())
+    with torch.device("meta"):
+        model = type(quantised)(type(quantised.config).from_dict(config))
+    model.load_state_dict(quantised.state_dict(), assign=True)
+    model.tie_weights()
+    del quantised
     _save_atomically(directory, model, tokenizer)
 
 
