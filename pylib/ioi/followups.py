@@ -96,6 +96,15 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
     return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
 
+def study_rows(study: Study) -> pd.DataFrame:
+    """`size_sweep`'s rows for a study already at hand (the main study, the second family), to
+    stand beside the size ladder as points of comparison."""
+    name = study.config.model
+    facts = MODELS.get(name, ModelFacts(name, float("nan")))
+    rows = [{"model": name, "family": facts.family, **row, "seconds": np.nan} for row in model_rows(study)]
+    return pd.DataFrame(rows, columns=SIZE_COLUMNS)
+
+
 def _release_models() -> None:
     """Drop the loaded models, so that a sweep holds one model at a time (the largest take GBs)."""
     from ioi import models
@@ -277,11 +286,11 @@ def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
 
 def top_heads_by_score(study: Study, k: int = 3) -> pd.DataFrame:
     """For each of the paper's attention scores, the k highest-scoring heads in the whole
-    model (found circuit or not): where induction, duplicate-token, previous-token and
-    S-inhibition-like (END->S2) heads sit."""
+    model (in the circuit or not): where induction, duplicate-token and previous-token heads
+    (on repeated random tokens) and S-inhibition-like (END->S2) heads sit."""
     scores = study.head_scores()
     rows = []
-    for score in ("duplicate_token", "previous_token", "induction", "end_to_s", "end_to_io"):
+    for score in ("duplicate_token_random", "previous_token_random", "induction_random", "end_to_s", "end_to_io"):
         for _, r in scores.nlargest(k, score).iterrows():
             rows.append({"score": score, "layer": int(r.layer), "head": int(r["head"]), "value": float(r[score]),
                          "relative_depth": float(relative_depth(r.layer, study.model.cfg.n_layers))})

@@ -1,7 +1,9 @@
 """`python -m ioi reproduce`: every analysis of the study on one model, written to a directory.
 
 Each table goes to `DIR/tables/NAME.csv`, each figure to `DIR/figures/NAME.svg`, and
-`DIR/summary.json` holds the headline numbers, the setup, and how long each analysis took.
+`DIR/summary.json` holds the headline numbers, the setup, how long each analysis took, and
+(`not_run`) the experiments the model's circuit gave nothing to act on (no name movers to
+knock out, say).
 """
 
 from __future__ import annotations
@@ -56,9 +58,12 @@ def reproduce(study: Study, out: Path) -> dict:
     start = time.perf_counter()
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
+    nothing_to_act_on = []  # experiments on a class the model's circuit has no member of
     for name, analysis in tqdm(TABLES.items(), desc=f"reproducing on {study.config.model}"):
         table = analysis(study)
-        if table is not None:  # an experiment the model's circuit gives nothing to act on
+        if table is None:
+            nothing_to_act_on.append(name)
+        else:
             _write_atomically(out / "tables" / f"{name}.csv", table.to_csv(index=False))
     for name, chart in figures.study_figures(study).items():
         chart.save(str(out / "figures" / f"{name}.svg"))
@@ -66,6 +71,7 @@ def reproduce(study: Study, out: Path) -> dict:
         "setup": study.setup(),
         "baseline": study.baseline_json(),
         "faithfulness": study.faithfulness(),
+        "not_run": nothing_to_act_on,
         "seconds": round(time.perf_counter() - start, 2),
         "seconds_per_analysis": {k: round(v, 2) for k, v in study.timings.items()},
         "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),  # KiB on Linux

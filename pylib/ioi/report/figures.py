@@ -23,7 +23,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from ioi.followups import ENUMERATION_LOGIT_DIFF, GPT2_SIZES
+
 from ioi.report import tables
 
 
@@ -586,28 +586,33 @@ def faithfulness_by_template(table: pd.DataFrame) -> alt.LayerChart:
     return (bars + points + one).properties(width=WIDTH, height=WIDTH * 0.8)
 
 
-def size_chart(sweep: pd.DataFrame):
-    """Logit difference by model (x) with 95% CIs, the published enumeration means beside
-    them, and a grey "no weights" mark at 0 for each size that was skipped."""
-    measured = sweep[sweep.status == "ok"].assign(source="this study, 95% CI")
-    skipped = sweep[sweep.status == "skipped"].assign(logit_diff_mean=0.0, source="skipped: no weights here")
-    published = pd.DataFrame(
-        [{"model": m, "logit_diff_mean": v, "source": "published enumeration (BOS, BABA)"} for m, v in ENUMERATION_LOGIT_DIFF.items()]
-    )
-    data = pd.concat([measured, skipped, published], ignore_index=True)[
-        ["model", "source", "logit_diff_mean"] + [c for c in ("logit_diff_ci_low", "logit_diff_ci_high") if c in measured]
-    ]
-    order = list(dict.fromkeys([*GPT2_SIZES, *sweep.model]))
-    x = alt.X("model:N", scale=alt.Scale(domain=order), axis=alt.Axis(labelAngle=0), title=None)
-    color = alt.Color("source:N", title=None, legend=alt.Legend(labelLimit=300))
-    base = alt.Chart(data)
-    points = base.mark_point(filled=True, size=70).encode(x, alt.Y("logit_diff_mean:Q", title="logit difference, IO − S"), color)
-    layers = [points]
-    if len(measured):
-        bars = base.transform_filter(alt.datum.source == "this study, 95% CI").mark_rule().encode(
-            x, alt.Y("logit_diff_ci_low:Q"), alt.Y2("logit_diff_ci_high:Q"), color)
-        layers.insert(0, bars)
-    return alt.layer(*layers).properties(width=420, height=220).configure_legend(orient="bottom")
+def size_chart(ladder: pd.DataFrame, others: pd.DataFrame | None = None) -> alt.FacetChart:
+    """The size follow-up: one panel per measure (`followups.size_sweep`'s rows), parameters on
+    a log axis, each value with its 95% CI; the sizes of one family joined by a line (the size
+    ladder), other families as hollow, unjoined points labelled by name, so that they cannot be
+    read as more sizes. A measure without an interval is a point alone."""
+    from ioi.followups import SIZE_CLAIMS
+    from ioi.report.text import MEASURE_NAMES
+
+    others = pd.DataFrame(columns=ladder.columns) if others is None else others
+    data = pd.concat([ladder.assign(role="size ladder"), others.assign(role="other family")], ignore_index=True)
+    data = data[data.status == "ok"].assign(
+        panel=lambda f: f.measure.map(lambda m: MEASURE_NAMES.get(m, m)),
+        size=lambda f: f.n_params.astype(float) / 1e6, label=lambda f: f.model)
+    order = [MEASURE_NAMES[m] for m in ("logit_diff", *SIZE_CLAIMS)]
+    x = alt.X("size:Q", scale=alt.Scale(type="log"), title="parameters (millions)", axis=alt.Axis(tickCount=4, grid=False))
+    y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False))
+    color = alt.Color("family:N", title="family")
+    ladder_only = alt.datum.role == "size ladder"
+    line = alt.Chart().transform_filter(ladder_only).mark_line(strokeWidth=1.5).encode(x, y, color, detail="family:N")
+    bars = alt.Chart().mark_rule().encode(x, alt.Y("ci_low:Q"), alt.Y2("ci_high:Q"), color)
+    points = alt.Chart().mark_point(size=45).encode(
+        x, y, color, shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["size ladder", "other family"], range=["circle", "diamond"])),
+        fill=alt.condition(ladder_only, alt.Color("family:N"), alt.value("white")),
+        tooltip=["model:N", "measure:N", alt.Tooltip("value:Q", format=".2f"), "verdict:N"])
+    labels = alt.Chart().transform_filter(~ladder_only).mark_text(dx=6, align="left", fontSize=8).encode(x, y, text="label:N")
+    panel = alt.layer(bars, line, points, labels, data=data).properties(width=150, height=85)
+    return panel.facet(facet=alt.Facet("panel:N", sort=order, title=None), columns=4).resolve_scale(y="independent")
 
 
 def template_chart(sweep: pd.DataFrame):

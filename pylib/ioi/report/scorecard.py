@@ -260,27 +260,64 @@ def by_verdict(frame: pd.DataFrame) -> dict[str, Md]:
     return {v: listing(list(frame.short[frame.verdict == v]), empty="none") for v in VERDICTS}
 
 
-def claims_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The structural claims in the central table's columns."""
-    ours = [claim_value(r) + ("" if claim_interval(r) == "n/a" else f" {claim_interval(r)}")
-            for r in frame.itertuples(index=False)]
-    return pd.DataFrame({"Claim": frame.claim, "GPT-2 small (paper)": frame.paper, "Ours [95% CI]": ours,
-                         "Rule": frame.rule, "Verdict": frame.verdict})
+def claim_cell(row) -> str:
+    """A claim's value with its interval, for a table: '87% [83%, 91%]'."""
+    interval = claim_interval(row)
+    return claim_value(row) + ("" if interval == "n/a" else f" {interval}")
+
+
+def claims_columns(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """One model's two columns of the central table: its value [95% CI] and its verdict."""
+    return pd.DataFrame({f"{name} [95% CI]": [claim_cell(r) for r in frame.itertuples(index=False)],
+                         f"{name} verdict": list(frame.verdict)})
 
 
 def numeric_rows(card: pd.DataFrame) -> pd.DataFrame:
-    """The numeric claims (`scorecard`) in the central table's columns."""
+    """GPT-2 small's published numbers (`scorecard`): the claim with its published value, and
+    our value (with its rank among heads and its CI) and verdict."""
     ours = [_value_text(v) + (f" (rank {int(r)})" if r is not None and not pd.isna(r) else "")
             + (f" {ci(lo, hi)}" if not (pd.isna(lo) or pd.isna(hi)) else "")
             for v, r, lo, hi in zip(card.measured, card["rank"], card.ci_low, card.ci_high)]
-    return pd.DataFrame({"Claim": card.claim, "GPT-2 small (paper)": card.published, "Ours [95% CI]": ours,
-                         "Rule": card.rule, "Verdict": card.verdict})
+    return pd.DataFrame({"Claim": [f"{c} (published: {p})" for c, p in zip(card.claim, card.published)],
+                         "value": ours, "verdict": list(card.verdict)})
 
 
-def claims_table(frame: pd.DataFrame, card: pd.DataFrame | None = None) -> MarkdownTable:
-    """The report's central table: the structural claims, then (on GPT-2 small) the numeric ones."""
-    parts = [claims_rows(frame)] + ([numeric_rows(card)] if card is not None and len(card) else [])
-    return MarkdownTable(pd.concat(parts, ignore_index=True))
+def claims_table(frames: dict[str, pd.DataFrame], card: pd.DataFrame | None = None) -> MarkdownTable:
+    """The report's central table: one row per claim (`ioi.claims`), and for each model (name ->
+    its claims frame, in column order) its value with its 95% CI and its verdict; on GPT-2 small,
+    its published numbers below, judged by their own rules (`scorecard`)."""
+    first = next(iter(frames.values()))
+    table = pd.concat([pd.DataFrame({"Claim": list(first.claim)})]
+                      + [claims_columns(name, frame) for name, frame in frames.items()], axis=1)
+    if card is not None and len(card):
+        numeric = numeric_rows(card)
+        name = next(iter(frames))
+        table = pd.concat([table, numeric.rename(columns={"value": f"{name} [95% CI]", "verdict": f"{name} verdict"})],
+                          ignore_index=True)
+    return MarkdownTable(table.fillna(""))
+
+
+def rules_table(frame: pd.DataFrame) -> MarkdownTable:
+    """Each claim's finding on GPT-2 small as the paper states it, and the rule that judges ours."""
+    return MarkdownTable(pd.DataFrame({"Claim": frame.short, "GPT-2 small (the paper)": frame.paper, "Rule": frame.rule}))
+
+
+HISTORY_PATH = DATA_DIR / "claims_history.csv"
+
+
+def load_history(path: Path = HISTORY_PATH) -> pd.DataFrame:
+    """When each rule was set or changed, why, and which numbers had been seen (as git shows it)."""
+    return pd.read_csv(path)
+
+
+def history_table(history: pd.DataFrame) -> MarkdownTable:
+    return MarkdownTable(history.rename(columns=str.capitalize))
+
+
+def rules_fixed(history: pd.DataFrame) -> Md:
+    """For prose: when the rules were first set and last changed, from the history."""
+    first, last = history.date.iloc[0][:10], history.date.iloc[-1][:10]
+    return Md(f"first set on {first}" + ("" if first == last else f" and last changed on {last}"))
 
 
 def _pct_ci(row) -> str:

@@ -124,6 +124,29 @@ def graph_from_paths(paths: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return nodes, edges
 
 
+def backup_risers(study, k: int = 8) -> pd.DataFrame:
+    """The `k` heads whose direct effect rises most when the name movers are knocked out
+    (`ioi.claims.backup_tables`), as shares of the logit difference, with whether each passes
+    the name-mover check; an empty table when the circuit has no name movers."""
+    from ioi.circuits import classes
+    from ioi.claims import backup_tables
+
+    columns = ["head", "before", "after", "rise", "95% CI", "name mover?"]
+    per_prompt, rises = backup_tables(study)
+    if rises is None:
+        return pd.DataFrame(columns=columns)
+    ld = float(per_prompt.logit_diff_before.mean())
+    top = rises.head(k).merge(study.head_scores(), on=["layer", "head"])
+    movers = classes.members(top, "name mover", classes.load_rules())
+    share = lambda x: [f"{100 * v / ld:.0f}%".replace("-", "−") for v in x]  # noqa: E731
+    return pd.DataFrame({
+        "head": top.layer.astype(str) + "." + top["head"].astype(str), "before": share(top.before),
+        "after": share(top.after), "rise": share(top.rise),
+        "95% CI": [f"[{a}, {b}]" for a, b in zip(share(top.rise_ci_low), share(top.rise_ci_high))],
+        "name mover?": np.where(movers, "yes", "no"),
+    }, columns=columns)
+
+
 def circuit_heads(study) -> pd.DataFrame:
     """The circuit's heads, one row per class: how many, and every one of them by layer (the
     diagram's heads as a table)."""
@@ -165,7 +188,8 @@ def attention_patterns(study, hs, prompt: int = 0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-SCORES = ("previous_token", "duplicate_token", "induction", "end_to_io", "end_to_s", "copy_score", "negative_copy_score")
+SCORES = ("previous_token_random", "duplicate_token_random", "induction_random", "end_to_io", "end_to_s", "copy_score",
+          "negative_copy_score")
 
 
 def scores_long(study) -> pd.DataFrame:

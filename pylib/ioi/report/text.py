@@ -218,21 +218,42 @@ def listing(items, empty: str = "none"):
     return Md(", ".join(items[:-1]) + " and " + items[-1])
 
 
-def per_model(frame: pd.DataFrame, describe, empty: str = "none ran") -> str:
-    """'model: text' for each row of `frame`, joined; `describe(row)` gives the text."""
-    return listing([f"{row.model}: {describe(row)}" for row in frame.itertuples()], empty)
+MEASURE_NAMES = {"logit_diff": "the logit difference", "behaviour": "the share of prompts IO wins", "direct_writers": "the top heads' share of the direct effect",
+                 "name_movers": "the top writers that are name movers", "negative_name_movers": "the strongest negative writer",
+                 "backup": "the repair by other heads", "small_circuit": "the smallest faithful circuit"}
 
 
-def size_text(row) -> str:
-    """One size's results in a phrase, for `per_model`."""
-    return (
-        f"logit difference {ci_text(row.logit_diff_mean, row.logit_diff_ci_low, row.logit_diff_ci_high)}, "
-        f"{count(len(row.name_movers), 'name mover')} at relative depth {_num(row.name_mover_depth)}, "
-        f"{count(len(row.negative_name_movers), 'negative name mover')}, "
-        f"strongest path into the name movers' queries {_num(row.s_inhibition_to_nm_effect, percent=True)}, "
-        f"a found circuit of {count(row.circuit_size, 'head')} ({_num(row.circuit_share_of_heads, percent=True)} of all) "
-        f"in {row.seconds:.0f} s"
-    )
+def _measure_value(row) -> str:
+    value = fmt(row.value) if row.unit == "logit" else pct(row.value)
+    if pd.isna(row.ci_low):
+        return str(value)
+    interval = ci(row.ci_low, row.ci_high) if row.unit == "logit" else f"[{pct(row.ci_low)}, {pct(row.ci_high)}]"
+    return f"{value} {interval}"
+
+
+def size_trend_text(trend: pd.DataFrame, sweep: pd.DataFrame) -> Md:
+    """The size follow-up's finding, one phrase per measure, from `followups.size_trend`: what
+    each measure is at the smallest and the largest size, and whether it changes beyond its
+    intervals (or, without intervals, whether its verdict changes)."""
+    if not len(trend):
+        return Md("with fewer than two sizes of one family measured, no trend can be read")
+    at = sweep.set_index(["model", "measure"])
+    phrases = []
+    for r in trend.itertuples():
+        small, large = at.loc[(r.small, r.measure)], at.loc[(r.large, r.measure)]
+        values = f"{_measure_value(small)} → {_measure_value(large)}"
+        if r.change in ("same verdict", "verdict changes"):
+            verdicts = small.verdict if r.change == "same verdict" else f"{small.verdict} → {large.verdict}"
+            phrases.append(f"{MEASURE_NAMES.get(r.measure, r.measure)} {values} ({r.change}: {verdicts})")
+        else:
+            phrases.append(f"{MEASURE_NAMES.get(r.measure, r.measure)} {r.change} ({values})")
+    return listing(phrases)
+
+
+def verdicts_by_size(sweep: pd.DataFrame, model: str) -> Md:
+    """'name movers partly, backup name movers not reproduced, ...' for one model of the sweep."""
+    rows = sweep[(sweep.model == model) & (sweep.measure != "logit_diff")]
+    return listing([f"{MEASURE_NAMES.get(r.measure, r.measure)} {r.verdict}" for r in rows.itertuples()])
 
 
 def template_range(sweep: pd.DataFrame, order: str):
@@ -293,6 +314,8 @@ def sizes_unavailable(sweep: pd.DataFrame) -> Md | None:
 # training, weights as loaded). Keyed by `ioi.models` name; a local directory has no entry.
 MODEL_FACTS = {
     "gpt2-small": ("GPT-2 small", 124, "base", "full precision"),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B-Instruct", 494, "code instruction-tuned", "5-bit Q5_0, output head 8-bit"),
+    "qwen2.5-coder-1.5b": ("Qwen2.5-Coder-1.5B-Instruct", 1544, "code instruction-tuned", "4-bit Q4_K_M"),
     "smollm2-135m": ("SmolLM2-135M-Instruct", 135, "instruction-tuned", "4-bit Q4_1"),
     "gemma3-270m": ("Gemma 3 270M", 270, "base", "4-bit Q4_K_M"),
 }
@@ -344,7 +367,34 @@ def confounds(main: str, other: str) -> Md:
               f"them cannot be put down to the family alone, and a shared class is the stronger finding.{noise}")
 
 
-def family_phrases(ext=None, ext_study=None, classes=None, scores=None, templates=None, model: str = "") -> dict:
+def verdict_groups(findings: pd.DataFrame, ids) -> Md:
+    """How the claims `ids` (rows of `ioi.claims.claims`) came out, for prose: '2 of 5 as the
+    paper reports (S-inhibition and the MLPs), 2 only partly (...) and 1 not at all (...)'."""
+    rows = findings[findings.claim_id.isin(ids)]
+    wording = {"reproduced": "as the paper reports", "partly": "only partly", "not reproduced": "not at all",
+               "not measured": "could not be measured"}
+    parts = [f"{int((rows.verdict == v).sum())} {words} ({listing(list(rows.short[rows.verdict == v]))})"
+             for v, words in wording.items() if (rows.verdict == v).any()]
+    if not parts:
+        return Md("none was tested")
+    parts[0] = parts[0].replace(" ", f" of {len(rows)} ", 1)
+    return listing(parts)
+
+
+def size_confounds(models) -> Md:
+    """What else, besides size, differs between the sizes of a ladder (`MODEL_FACTS`), as a sentence."""
+    known = [MODEL_FACTS[m] for m in models if m in MODEL_FACTS]
+    if len(known) < 2 or len(known) < len(models):
+        return Md("The sizes may also differ in training data and precision, which a size comparison cannot separate.")
+    trainings, precisions = {k[2] for k in known}, {k[3] for k in known}
+    shared = f"all are {known[0][2]}" if len(trainings) == 1 else f"their training differs ({listing([f'{k[0]}: {k[2]}' for k in known])})"
+    stored = (f"each is stored as {known[0][3]}" if len(precisions) == 1 else
+              f"they are stored at different precisions ({listing([f'{k[0]}: {k[3]}' for k in known])}), and rounding noise "
+              "can blur small head effects in the coarser one")
+    return Md(f"Besides size, {shared}; {stored}.")
+
+
+def family_phrases(ext_study=None, classes=None, scores=None, templates=None, model: str = "") -> dict:
     """Every number the second-family follow-up prints, as phrases; with no results (the
     section is hidden because its model cannot run) each phrase reads "n/a"."""
     from collections import defaultdict
@@ -352,25 +402,21 @@ def family_phrases(ext=None, ext_study=None, classes=None, scores=None, template
     from ioi.report.tables import order_summary
 
     phrases = defaultdict(lambda: Md("n/a"))
-    if ext is None:
+    if ext_study is None:
         return phrases
     diff = order_summary(templates)[2]
+    ld = ext_study.baseline_summary().set_index("metric").loc["logit_diff"]
     circuit, cfg = ext_study.circuit(), ext_study.model.cfg  # found the paper's way (`paths_discovery`)
     phrases.update(
         shape=Md(f"{count(cfg.n_layers, 'layer')} of {count(cfg.n_heads, 'head')}"),
-        logit_diff=ci_text(ext.logit_diff_mean, ext.logit_diff_ci_low, ext.logit_diff_ci_high),
+        logit_diff=ci_text(ld["mean"], ld.ci_low, ld.ci_high),
         circuit_size=count(len(circuit.heads), "head"),
         circuit_share=pct(len(circuit.heads) / (cfg.n_layers * cfg.n_heads)),
         found_classes=class_text(classes, model + " (paths)"),
         checks=check_text(ext_study.paper_circuit_table()),
         paper_classes=class_text(classes, "gpt2-small (Wang et al.)"),
-        n_name_movers=count(len(ext.name_movers), "name mover"),
-        name_movers=listing(ext.name_movers),
-        n_negative=count(len(ext.negative_name_movers), "negative name mover"),
-        senders=listing(ext.s_inhibition_senders),
-        sender_effect=pct(float(ext.s_inhibition_to_nm_effect)),
-        induction=best_heads(scores, "induction"),
-        duplicate=best_heads(scores, "duplicate_token"),
+        induction=best_heads(scores, "induction_random"),
+        duplicate=best_heads(scores, "duplicate_token_random"),
         order_difference=ci_text(diff.faithfulness, diff.faithfulness_ci_low, diff.faithfulness_ci_high),
     )
     return phrases
