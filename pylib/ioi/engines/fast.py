@@ -68,12 +68,9 @@ class Layer:
     b_O: Float[Tensor, " d_model"]
     W_in: Float[Tensor, "d_model d_mlp"]
     b_in: Float[Tensor, " d_mlp"]
-    W_gate: Float[Tensor, "d_model d_mlp"] | None  # SwiGLU's gate; None for a plain MLP (as W_gate_in)
+    W_gate: Float[Tensor, "d_model d_mlp"] | None  # SwiGLU's gate; None for a plain MLP
     W_out: Float[Tensor, "d_mlp d_model"]
     b_out: Float[Tensor, " d_model"]
-    # SwiGLU's [W_gate | W_in], of which those two are views: one matrix product for both
-    # halves is ~6% faster on a CPU
-    W_gate_in: Float[Tensor, "d_model two_d_mlp"] | None = None
     # Gemma 3, read unprocessed: weighted RMSNorms before attention and MLP (elsewhere folded into
     # W_Q/K/V and W_in), norms after them that no processing can fold, query and key norms, and
     # a rotary table and attention window of the layer's own (sliding-window or global layer)
@@ -87,13 +84,7 @@ class Layer:
     rotary_sin: Float[Tensor, "n_ctx d_head"] | None = None
     window: int | None = None  # a key is seen from at most window - 1 positions later
 
-    def __post_init__(self):
-        if (self.W_gate is None) != (self.W_gate_in is None):
-            raise ValueError("a SwiGLU layer needs both W_gate and the fused W_gate_in; a plain MLP neither")
 
-
-# The per-layer weights a bridge exposes as stacked properties (`bridge.W_Q`, ...).
-BRIDGE_WEIGHTS = ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O", "b_O", "W_in", "b_in", "W_gate", "W_out", "b_out")
 
 
 @dataclass(frozen=True)
@@ -135,26 +126,18 @@ def from_bridge(bridge) -> FastModel:
 def _from_bridge(bridge) -> FastModel:
     """The weights of a `TransformerBridge` in compatibility mode, as a `FastModel`.
 
-    The bridge's stacked properties (`W_Q`, ... `W_U`) are exactly the processed weights its own
-    forward uses; bias-free models (Llama) expose no biases, so those are zeros here. Gemma 3 is
-    read from the Hugging Face modules the bridge runs instead: its norms after attention and
-    MLP cannot be folded into any weight, so they are kept, with the others, as they are."""
+    Each block's properties (`blocks[i].attn.W_Q`, ... `mlp.W_out`) are views of exactly the
+    processed weights its own forward uses, so the fast model shares their memory rather than
+    copying the model (a 1.5B model's copy would be 6 GB); bias-free models (Llama) expose no
+    biases, so those are zeros here. Gemma 3 is read from the Hugging Face modules the bridge
+    runs instead: its norms after attention and MLP cannot be folded into any weight, so they
+    are kept, with the others, as they are."""
     if is_gemma3(bridge):
         return _from_gemma3(bridge.original_model, bridge.W_E.dtype)
     cfg = bridge.cfg
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         raise NotImplementedError(f"normalization_type {cfg.normalization_type!r}")
-    stacked = {name: _stacked(bridge, name) for name in BRIDGE_WEIGHTS}
-    gate_in = None
-    if stacked["W_gate"] is not None:
-        gate_in = torch.cat([stacked["W_gate"], stacked["W_in"]], dim=-1)
-        d_mlp = stacked["W_in"].shape[-1]
-        stacked["W_gate"], stacked["W_in"] = gate_in[..., :d_mlp], gate_in[..., d_mlp:]
-    layers = tuple(
-        Layer(**{name: _layer_weight(stacked, name, i, bridge) for name in stacked},
-              W_gate_in=None if gate_in is None else gate_in[i])
-        for i in range(cfg.n_layers)
-    )
+    layers = tuple(Layer(**{name: _layer_weight(bridge, i, name) for name in BLOCK_WEIGHTS}) for i in range(cfg.n_layers))
     rotary = cfg.positional_embedding_type == "rotary"
     cos, sin = _rotary_tables(bridge) if rotary else (None, None)
     return FastModel(
@@ -203,14 +186,13 @@ def _from_gemma3(hf_model, dtype: torch.dtype) -> FastModel:
     for i, block in enumerate(body.layers):
         attn, mlp = block.self_attn, block.mlp
         kind = config.layer_types[i]
-        gate_in = torch.cat([w(mlp.gate_proj).T, w(mlp.up_proj).T], dim=-1)
         layers.append(Layer(
             W_Q=per_head(attn.q_proj, n_heads), b_Q=zeros(n_heads, d_head),
             W_K=per_head(attn.k_proj, n_kv), b_K=zeros(n_kv, d_head),
             W_V=per_head(attn.v_proj, n_kv), b_V=zeros(n_kv, d_head),
             W_O=w(attn.o_proj).view(d_model, n_heads, d_head).permute(1, 2, 0), b_O=zeros(d_model),
-            W_in=gate_in[:, d_mlp:], b_in=zeros(d_mlp), W_gate=gate_in[:, :d_mlp],
-            W_out=w(mlp.down_proj).T, b_out=zeros(d_model), W_gate_in=gate_in,
+            W_in=w(mlp.up_proj).T, b_in=zeros(d_mlp), W_gate=w(mlp.gate_proj).T,
+            W_out=w(mlp.down_proj).T, b_out=zeros(d_model),
             attn_norm_w=w(block.input_layernorm), mlp_norm_w=w(block.pre_feedforward_layernorm),
             attn_post_norm_w=w(block.post_attention_layernorm),
             mlp_post_norm_w=w(block.post_feedforward_layernorm),
@@ -254,14 +236,30 @@ def _stacked(bridge, name: str) -> Tensor | None:
         return None
 
 
-def _layer_weight(stacked: dict, name: str, i: int, bridge) -> Tensor | None:
-    if stacked[name] is not None:
-        return stacked[name][i]
-    if name == "W_gate":
+# Where each of a Layer's weights lives on a bridge block, and which weight a missing bias
+# takes its shape from (None: d_model).
+BLOCK_WEIGHTS = {"W_Q": "attn", "b_Q": "attn", "W_K": "attn", "b_K": "attn", "W_V": "attn", "b_V": "attn",
+                 "W_O": "attn", "b_O": "attn", "W_in": "mlp", "b_in": "mlp", "W_gate": "mlp", "W_out": "mlp",
+                 "b_out": "mlp"}
+BIAS_SHAPE_OF = {"b_Q": "W_Q", "b_K": "W_K", "b_V": "W_V", "b_in": "W_in", "b_O": None, "b_out": None}
+
+
+def _block_weight(bridge, i: int, name: str) -> Tensor | None:
+    """Block i's weight `name` as the bridge computes with it: a view of its parameter."""
+    try:
+        value = getattr(getattr(bridge.blocks[i], BLOCK_WEIGHTS[name]), name)
+    except AttributeError:  # the bridge raises for parameters a bias-free checkpoint lacks
         return None
+    return None if value is None else value.detach()
+
+
+def _layer_weight(bridge, i: int, name: str) -> Tensor | None:
+    value = _block_weight(bridge, i, name)
+    if value is not None or name == "W_gate":
+        return value
     # a bias-free checkpoint: the missing bias is zero, shaped like the matching weight's output
-    weight = {"b_Q": "W_Q", "b_K": "W_K", "b_V": "W_V", "b_in": "W_in"}.get(name)
-    shape = stacked[weight][i].shape[:-2] + stacked[weight][i].shape[-1:] if weight else (bridge.cfg.d_model,)
+    weight = BIAS_SHAPE_OF[name]
+    shape = (bridge.cfg.d_model,) if weight is None else (lambda w: w.shape[:-2] + w.shape[-1:])(_block_weight(bridge, i, weight))
     return torch.zeros(shape, dtype=bridge.W_E.dtype, device=bridge.W_E.device)
 
 
@@ -416,9 +414,8 @@ def head_out_changes(
 
 
 def mlp(fast: FastModel, layer: Layer, x: Float[Tensor, "batch row d_model"]) -> Float[Tensor, "batch row d_model"]:
-    if layer.W_gate_in is not None:  # SwiGLU / GeGLU: act(gate) * up
-        gate, up = (x @ layer.W_gate_in).chunk(2, dim=-1)
-        out = (_act(fast, gate) * (up + layer.b_in)) @ layer.W_out + layer.b_out
+    if layer.W_gate is not None:  # SwiGLU / GeGLU: act(gate) * up
+        out = (_act(fast, x @ layer.W_gate) * (x @ layer.W_in + layer.b_in)) @ layer.W_out + layer.b_out
     else:
         out = _act(fast, x @ layer.W_in + layer.b_in) @ layer.W_out + layer.b_out
     return out if layer.mlp_post_norm_w is None else norm(fast, out, layer.mlp_post_norm_w)
