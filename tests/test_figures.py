@@ -46,7 +46,20 @@ def frames() -> dict:
         "nodes": nodes, "edges": edges,
         "templates": pd.DataFrame({"template_id": [0, 1], "order": ["BABA", "ABBA"], "n": [4, 4], "faithfulness": [0.9, 1.1],
                                    "faithfulness_ci_low": [0.7, 0.9], "faithfulness_ci_high": [1.1, 1.3]}),
+        "sizes": size_rows(["small", "large"], "Ladder", [5e8, 1.5e9]),
+        "others": size_rows(["other"], "Other", [1.35e8]),
     }
+
+
+def size_rows(models, family, n_params) -> pd.DataFrame:
+    """`followups.size_sweep`'s columns: every measure of every model, with CIs on some."""
+    from ioi.followups import SIZE_CLAIMS, SIZE_COLUMNS
+
+    rows = [{"model": m, "family": family, "n_params": n, "n_layers": 2, "n_heads": 2, "status": "ok", "reason": "",
+             "measure": measure, "value": 0.5 + i, "ci_low": 0.4 + i if measure != "name_movers" else np.nan,
+             "ci_high": 0.6 + i if measure != "name_movers" else np.nan, "unit": "share", "verdict": "partly", "seconds": 1.0}
+            for i, (m, n) in enumerate(zip(models, n_params)) for measure in ("logit_diff", *SIZE_CLAIMS)]
+    return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
 
 CHARTS = {
@@ -63,6 +76,7 @@ CHARTS = {
     "scores_strip": lambda f: figures.scores_strip(f["scores"]),
     "circuit_diagram": lambda f: figures.circuit_diagram(f["nodes"], f["edges"]),
     "faithfulness_by_template": lambda f: figures.faithfulness_by_template(f["templates"]),
+    "size_chart": lambda f: figures.size_chart(f["sizes"], f["others"]),
 }
 
 
@@ -340,3 +354,18 @@ def test_path_patching_panels_span_every_layer():
     spec = figures.path_patching_heatmaps(paths).to_dict()
     assert spec["spec"]["encoding"]["y"]["scale"]["domain"] == list(range(LAYERS))
     assert "resolve" not in spec or "y" not in spec["resolve"].get("scale", {})
+
+
+def test_size_chart_joins_the_ladder_and_not_the_other_families(frames):
+    """A panel per measure; the line runs through the size ladder only, and the other families'
+    points are labelled by name, hollow, in the other shape."""
+    spec = figures.size_chart(frames["sizes"], frames["others"]).to_dict()
+    values = next(iter(spec["datasets"].values()))
+    assert {v["panel"] for v in values} == {v["panel"] for v in values if v["model"] == "small"}
+    assert len({v["panel"] for v in values}) == 7
+    layers = spec["spec"]["layer"]
+    line = next(l for l in layers if l["mark"]["type"] == "line")
+    assert line["transform"] == [{"filter": "(datum.role === 'size ladder')"}]
+    text_layer = next(l for l in layers if l["mark"]["type"] == "text")
+    assert text_layer["transform"] == [{"filter": "(!(datum.role === 'size ladder'))"}]
+    assert {v["role"] for v in values if v["model"] == "other"} == {"other family"}

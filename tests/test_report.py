@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -154,3 +155,38 @@ def test_output_format_reads_quarto_execute_info(tmp_path, monkeypatch):
     assert figures.output_format() == "typst" and not figures.is_html()
     info.write_text('{"format": {"pandoc": {"to": "html5+smart"}}}')
     assert figures.output_format() == "html5" and figures.is_html()
+
+
+# --- Sentences that follow verdicts -----------------------------------------------------------
+
+
+def test_counts_agree_with_their_noun():
+    from ioi.report.text import Count, count
+
+    assert count(1, "name mover") == "1 name mover" and count(2, "name mover") == "2 name movers"
+    assert f"{Count(1):head}" == "1 head" and f"{Count(3):sender}" == "3 senders" and f"{Count(3)}" == "3"
+
+
+def test_verdict_groups_say_how_each_claim_came_out():
+    frame = pd.DataFrame({"claim_id": ["a", "b", "c", "d"], "short": ["A", "B", "C", "D"],
+                          "verdict": ["reproduced", "partly", "reproduced", "not reproduced"]})
+    said = text.verdict_groups(frame, ["a", "b", "c"])
+    assert said == "2 of 3 as the paper reports (A and C) and 1 only partly (B)"
+    assert text.verdict_groups(frame, ["d"]) == "1 of 1 not at all (D)"
+    assert text.verdict_groups(frame, ["z"]) == "none was tested"
+
+
+def test_size_trend_text_follows_the_computed_change():
+    """The sentence names each measure's change as `size_trend` computed it, with both values."""
+    sweep = pd.DataFrame([
+        {"model": "s", "measure": "logit_diff", "value": 3.0, "ci_low": 2.8, "ci_high": 3.2, "unit": "logit", "verdict": ""},
+        {"model": "l", "measure": "logit_diff", "value": 4.0, "ci_low": 3.7, "ci_high": 4.3, "unit": "logit", "verdict": ""},
+        {"model": "s", "measure": "name_movers", "value": 1 / 3, "ci_low": np.nan, "ci_high": np.nan, "unit": "share", "verdict": "partly"},
+        {"model": "l", "measure": "name_movers", "value": 1 / 3, "ci_low": np.nan, "ci_high": np.nan, "unit": "share", "verdict": "partly"},
+    ])
+    trend = pd.DataFrame([{"measure": "logit_diff", "small": "s", "large": "l", "change": "rises"},
+                          {"measure": "name_movers", "small": "s", "large": "l", "change": "same verdict"}])
+    said = text.size_trend_text(trend, sweep)
+    assert "the logit difference rises (3.00 [2.80, 3.20] → 4.00 [3.70, 4.30])" in said
+    assert "the top writers that are name movers 33% → 33% (same verdict: partly)" in said
+    assert text.size_trend_text(trend.iloc[:0], sweep).startswith("with fewer than two sizes")
