@@ -3,7 +3,6 @@ no expected numbers (clean into clean changes nothing; attributions add up; the 
 fit is the least-squares fit), and agreement with a direct computation."""
 
 import numpy as np
-import pytest
 import torch
 from conftest import make_pair
 

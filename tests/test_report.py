@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import math
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ioi.report import figures, scorecard, tables, text
+from ioi.report import figures, scorecard, text
 from ioi.report.scorecard import Measured, verdict
 
 

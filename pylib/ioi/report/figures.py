@@ -587,32 +587,34 @@ def faithfulness_by_template(table: pd.DataFrame) -> alt.LayerChart:
 
 
 def size_chart(ladder: pd.DataFrame, others: pd.DataFrame | None = None) -> alt.FacetChart:
-    """The size follow-up: one panel per measure (`followups.size_sweep`'s rows), parameters on
-    a log axis, each value with its 95% CI; the sizes of one family joined by a line (the size
-    ladder), other families as hollow, unjoined points labelled by name, so that they cannot be
-    read as more sizes. A measure without an interval is a point alone."""
+    """The size follow-up: one panel per measure (`followups.size_sweep`'s rows; the behaviour's
+    share is left to the text, as it sits at 100% on every model here), parameters on a log axis,
+    each value with its 95% CI; the sizes of one family as dots joined by a line (the size
+    ladder), other families as hollow, unjoined diamonds, so that they cannot be read as more
+    sizes. A measure without an interval is a point alone."""
     from ioi.followups import SIZE_CLAIMS
     from ioi.report.text import MEASURE_NAMES
 
+    measures = [m for m in ("logit_diff", *SIZE_CLAIMS) if m != "behaviour"]
     others = pd.DataFrame(columns=ladder.columns) if others is None else others
     data = pd.concat([ladder.assign(role="size ladder"), others.assign(role="other family")], ignore_index=True)
-    data = data[data.status == "ok"].assign(
-        panel=lambda f: f.measure.map(lambda m: MEASURE_NAMES.get(m, m)),
-        size=lambda f: f.n_params.astype(float) / 1e6, label=lambda f: f.model)
-    order = [MEASURE_NAMES[m] for m in ("logit_diff", *SIZE_CLAIMS)]
-    x = alt.X("size:Q", scale=alt.Scale(type="log"), title="parameters (millions)", axis=alt.Axis(tickCount=4, grid=False))
+    data = data[(data.status == "ok") & data.measure.isin(measures)].assign(
+        panel=lambda f: f.measure.map(MEASURE_NAMES), size=lambda f: f.n_params.astype(float) / 1e6)
+    x = alt.X("size:Q", scale=alt.Scale(type="log", nice=False, padding=8), title="parameters (millions)",
+              axis=alt.Axis(tickCount=3, grid=False))
     y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False))
-    color = alt.Color("family:N", title="family")
-    ladder_only = alt.datum.role == "size ladder"
-    line = alt.Chart().transform_filter(ladder_only).mark_line(strokeWidth=1.5).encode(x, y, color, detail="family:N")
+    color = alt.Color("family:N", title="family (joined dots: the sizes of one family; hollow diamonds: other families)",
+                      legend=alt.Legend(orient="bottom", direction="horizontal", titleFontWeight="normal", titleLimit=600))
+    ladder_only, tooltip = alt.datum.role == "size ladder", ["model:N", alt.Tooltip("value:Q", format=".2f"), "verdict:N"]
     bars = alt.Chart().mark_rule().encode(x, alt.Y("ci_low:Q"), alt.Y2("ci_high:Q"), color)
-    points = alt.Chart().mark_point(size=45).encode(
-        x, y, color, shape=alt.Shape("role:N", title=None, scale=alt.Scale(domain=["size ladder", "other family"], range=["circle", "diamond"])),
-        fill=alt.condition(ladder_only, alt.Color("family:N"), alt.value("white")),
-        tooltip=["model:N", "measure:N", alt.Tooltip("value:Q", format=".2f"), "verdict:N"])
-    labels = alt.Chart().transform_filter(~ladder_only).mark_text(dx=6, align="left", fontSize=8).encode(x, y, text="label:N")
-    panel = alt.layer(bars, line, points, labels, data=data).properties(width=150, height=85)
-    return panel.facet(facet=alt.Facet("panel:N", sort=order, title=None), columns=4).resolve_scale(y="independent")
+    line = alt.Chart().transform_filter(ladder_only).mark_line(strokeWidth=1.5).encode(x, y, color, detail="family:N")
+    sizes = alt.Chart().transform_filter(ladder_only).mark_circle(size=45, opacity=1).encode(x, y, color, tooltip=tooltip)
+    others = alt.Chart().transform_filter(~ladder_only).mark_point(shape="diamond", size=70, strokeWidth=1.8, filled=False).encode(
+        x, y, color, tooltip=tooltip)
+    panel = alt.layer(bars, line, sizes, others, data=data).properties(width=165, height=70)
+    order = [MEASURE_NAMES[m] for m in measures]
+    return panel.facet(facet=alt.Facet("panel:N", sort=order, title=None, header=alt.Header(labelFontSize=9)),
+                       columns=3).resolve_scale(y="independent")
 
 
 def template_chart(sweep: pd.DataFrame):

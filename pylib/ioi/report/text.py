@@ -115,7 +115,7 @@ class MarkdownTable:
     none of them wraps or spills into its neighbour; the columns of sentences share the rest in
     the split (in steps of a twentieth) that prints the table in the fewest lines."""
 
-    SHORT, LINE, CHARS = 20, 140, 120
+    SHORT, LINE, CHARS = 22, 140, 120
 
     def __init__(self, frame: pd.DataFrame, digits: int = 2):
         self.frame, self.digits = frame, digits
@@ -348,6 +348,13 @@ def model_name(model: str) -> Md:
     return Md(MODEL_FACTS.get(model, (model or "n/a",))[0])
 
 
+def short_name(model: str) -> Md:
+    """A model's name for a table's header: 'SmolLM2-135M', 'Gemma 3 270M', a directory's last part."""
+    if model in MODEL_FACTS:
+        return Md(MODEL_FACTS[model][0].removesuffix("-Instruct"))
+    return Md(str(model).rstrip("/").rsplit("/", 1)[-1] or "n/a")
+
+
 def confounds(main: str, other: str) -> Md:
     """What else, besides the family, differs between two models, as a sentence."""
     if main not in MODEL_FACTS or other not in MODEL_FACTS:
@@ -428,7 +435,6 @@ def circuit_origin(circuit, table: pd.DataFrame | None, paths_config) -> Md:
     n = count(len(circuit.heads), "head")
     if table is None:
         return Md(f"the paper's {n}")
-    kept = table[table.kept]
     c = paths_config
     return Md(
         f"found the paper's way, backwards from the answer by path patching: {n}, each kept because its path "
