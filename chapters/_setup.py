@@ -44,7 +44,7 @@ said = scorecard.claim_sentences(findings)  # claim -> the sentence its verdict 
 # The second family (IOI_EXTENSION_MODEL, set per profile in _environment*): its own Study, judged
 # by the same claims beside the main model's; None where it cannot run here (`ext_error` says why).
 EXTENSION = os.environ.get("IOI_EXTENSION_MODEL", "")
-ext_study, ext_error = tables.second_study(EXTENSION, study, N, study.config.n_path)
+ext_study, ext_error = followups.second_study(EXTENSION, study, N, study.config.n_path)
 ext_findings = structural_claims(ext_study) if ext_study is not None else None
 on_paper_model = study.config.model == scorecard.PAPER_MODEL
 alt.data_transformers.disable_max_rows()  # per-prompt frames can pass altair's 5,000-row guard

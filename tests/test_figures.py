@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ioi.circuits import paths_discovery
 from ioi.report import figures, tables
 
 LAYERS, HEADS = 3, 4
@@ -251,7 +252,7 @@ def test_a_given_circuit_measures_each_heads_path_into_its_own_receivers():
         return pd.DataFrame([{"layer": l, "head": h, "relative_change": -code / 10 - l / 1000}
                              for l in range(first_layer, 12) for h in range(12)])
 
-    paths = tables.measured_paths(circuit, sweep).set_index(["layer", "head"])
+    paths = paths_discovery.measured_paths(circuit, sweep).set_index(["layer", "head"])
     assert (("logits", None, None) in calls and (((9, 9),), "q", "END") in calls
             and (((7, 3),), "v", "S2") in calls and (((5, 5),), "k", "S1+1") in calls)
     assert paths.effect.to_dict() == pytest.approx({(9, 9): 0.109, (7, 3): 0.207, (5, 5): 0.305, (4, 11): 0.404})

@@ -33,7 +33,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ioi import claims
-from ioi.cache import cached
 from ioi.circuits import criteria
 from ioi.dataset import load_distribution
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
@@ -196,14 +195,7 @@ def template_sweep(
 def prompt_faithfulness(study: Study, circuit: criteria.Circuit) -> pd.DataFrame:
     """Per prompt: template, order, F(C) (only the circuit, the rest mean-ablated per template)
     and F(M) (the whole model), as in `ioi.circuits.criteria.faithfulness_by_template`."""
-    model, clean, corrupted = study.model, study.clean, study.corrupted
-
-    def compute() -> pd.DataFrame:
-        f_c, f_m = criteria.circuit_and_model(model, circuit, clean, corrupted, None)
-        return pd.DataFrame({"template_id": clean.template_id, "order": clean.order, "F_C": f_c, "F_M": f_m})
-
-    params = {"config": repr(study.config), "circuit": circuit.to_frame().to_dict("records")}
-    return cached("followup_prompt_faithfulness", compute, params, model, (clean, corrupted))
+    return study.prompt_faithfulness(circuit)
 
 
 def _summary(frame: pd.DataFrame, seed: int) -> dict:
@@ -295,3 +287,26 @@ def top_heads_by_score(study: Study, k: int = 3) -> pd.DataFrame:
             rows.append({"score": score, "layer": int(r.layer), "head": int(r["head"]), "value": float(r[score]),
                          "relative_depth": float(relative_depth(r.layer, study.model.cfg.n_layers))})
     return pd.DataFrame(rows)
+
+
+# --- The second family -----------------------------------------------------------------------------
+
+
+def second_study(model: str, main: Study, n: int, n_path: int) -> tuple[Study | None, Exception | None]:
+    """The Study of the second family's model, or (None, why not): a follow-up never repeats the
+    main study's model, and a model that is unknown or cannot be loaded here, or that the fast
+    engines do not compute exactly (the hook references would take hours), is reported, not
+    raised, so the report can say so in a sentence."""
+    from ioi.engines.check import UnsupportedModelError, check_supported
+
+    if not model or model == main.config.model:
+        return None, None
+    try:
+        study = Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path)))
+    except (ModelUnavailableError, ValueError) as error:
+        return None, error
+    try:
+        check_supported(study.model)
+    except UnsupportedModelError as error:
+        return None, error
+    return study, None

@@ -216,6 +216,11 @@ class Study:
         rules = classes.load_rules()
         return head_scores.head_scores(self.model, self.clean, rules.random_length, rules.random_n)
 
+    @_analysis
+    def attention_patterns(self, heads: tuple, prompt: int = 0) -> pd.DataFrame:
+        """Each head in `heads` attending on one clean prompt (`head_scores.attention_patterns`)."""
+        return head_scores.attention_patterns(self.model, self.clean, [tuple(h) for h in heads], prompt)
+
     def members(self, cls: str) -> list[tuple[int, int]]:
         """The circuit's heads of class `cls` that pass the class's definition
         (`ioi.circuits.classes`): the heads an experiment on that class acts on. Off GPT-2 small
@@ -287,6 +292,27 @@ class Study:
 
     def paper_circuit(self) -> criteria.Circuit:
         return paths_discovery.to_circuit(self.paper_circuit_table())
+
+    def circuit_paths(self) -> pd.DataFrame:
+        """One row per head of the circuit, in the discovery table's columns: the path that puts
+        it there (the discovery's own kept rows; on GPT-2 small, the paper's heads measured as the
+        discovery would, unchecked: `paths_discovery.measured_paths`)."""
+        if self.config.model == "gpt2-small":
+            return paths_discovery.measured_paths(self.circuit(), self._sweep)
+        table = self.paper_circuit_table()
+        return table[table.kept].reset_index(drop=True)
+
+    def prompt_faithfulness(self, circuit: criteria.Circuit) -> pd.DataFrame:
+        """Per prompt: template, order, F(C) with only `circuit` kept (the rest mean-ablated per
+        template) and F(M), for a circuit from anywhere (another study's, say)."""
+        classes_ = tuple((c, tuple(sorted(hs)), circuit.positions[c]) for c, hs in sorted(circuit.classes.items()))
+        return self._prompt_faithfulness(classes_)
+
+    @_analysis
+    def _prompt_faithfulness(self, circuit_spec: tuple) -> pd.DataFrame:
+        circuit = criteria.Circuit({c: tuple(map(tuple, hs)) for c, hs, _ in circuit_spec}, {c: p for c, _, p in circuit_spec})
+        f_c, f_m = criteria.circuit_and_model(self.model, circuit, self.clean, self.corrupted, None)
+        return pd.DataFrame({"template_id": self.clean.template_id, "order": self.clean.order, "F_C": f_c, "F_M": f_m})
 
     @_analysis
     def attribution_estimates(self) -> pd.DataFrame | None:

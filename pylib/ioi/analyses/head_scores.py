@@ -163,3 +163,24 @@ def head_scores(model, dataset: IOIDataset, random_length: int = 25, random_n: i
     return (attention_scores(model, dataset)
             .merge(copy_scores(model, dataset), on=["layer", "head"])
             .merge(random_token_scores(model, tokens, random_length), on=["layer", "head"]))
+
+
+@torch.inference_mode()
+def attention_patterns(model, dataset: IOIDataset, heads, prompt: int = 0) -> pd.DataFrame:
+    """Attention of each head in `heads` on one prompt (its real tokens only, no padding): one
+    row per (head, query, key)."""
+    import numpy as np
+
+    one = dataset.subset(np.arange(len(dataset)) == prompt)
+    end = int(one.end[0]) + 1
+    names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in heads})
+    _, cache = run_with_cache(model, one, names)
+    tokens = [f"{i}:{model.tokenizer.decode([t])}" for i, t in enumerate(one.tokens[0, :end].tolist())]
+    rows = []
+    for l, h in heads:
+        pattern = cache[f"blocks.{l}.attn.hook_pattern"][0, h, :end, :end]
+        for q in range(end):
+            for k in range(q + 1):
+                rows.append({"head": f"{l}.{h}", "query": tokens[q], "key": tokens[k], "query_pos": q, "key_pos": k,
+                             "attention": float(pattern[q, k])})
+    return pd.DataFrame(rows)

@@ -53,6 +53,10 @@ Sweep = Callable[..., pd.DataFrame]
 # The discovery step that finds each class (its candidates; their checks decide membership).
 STEP_OF = {"name mover": 1, "negative name mover": 1, "S-inhibition": 2, "induction": 3, "duplicate token": 3,
            "previous token": 4}
+# Each step's path: step -> (receiving class, the receivers' input, its position); step 1 reaches
+# the logits directly.
+RECEIVERS = {1: ("logits", None, "END"), 2: ("name mover", "q", "END"), 3: ("S-inhibition", "v", "S2"),
+             4: ("induction", "k", "S1+1")}
 POSITIONS = {
     "name mover": "END",
     "negative name mover": "END",
@@ -173,3 +177,30 @@ def ranking(table: pd.DataFrame, head_patching: pd.DataFrame) -> list[Head]:
     first = [(int(l), int(h)) for l, h in zip(kept.layer, kept["head"])]
     rest = head_patching.assign(size=head_patching.patched_metric.abs()).sort_values("size", ascending=False)
     return first + [h for h in ((int(l), int(h)) for l, h in zip(rest.layer, rest["head"])) if h not in set(first)]
+
+
+def measured_paths(circuit: Circuit, sweep: Sweep) -> pd.DataFrame:
+    """For a circuit given by hand (the paper's heads on GPT-2 small), the table the discovery
+    would have written for it: each head's path for its class (`STEP_OF`; a backup name mover's
+    is the direct one) into the circuit's own receivers of that step, from `sweep`, with `check`
+    None (nothing was checked). A head whose class has no step, or whose step's receivers the
+    circuit lacks, has no effect (NaN)."""
+    effects = {}
+    for step, (receiver, receiver_input, position) in RECEIVERS.items():
+        if receiver == "logits":
+            frame = sweep("logits", None, None, 0).assign(receivers="logits")
+        elif circuit.classes.get(receiver):
+            frame = into_later_receivers(sweep, tuple(sorted(circuit.classes[receiver])), receiver_input, position)
+        else:
+            continue
+        for row in frame.itertuples():
+            effects[step, int(row.layer), int(row.head)] = (-float(row.relative_change), row.receivers)
+    steps = {**STEP_OF, "backup name mover": 1}
+    heads = circuit.to_frame().drop_duplicates(["layer", "head"])
+    rows = []
+    for cls, layer, head in zip(heads["class"], heads.layer, heads["head"]):
+        step = steps.get(cls)
+        effect, receivers = effects.get((step, layer, head), (float("nan"), ""))
+        rows.append({"layer": layer, "head": head, "class": cls, "step": step, "receivers": receivers,
+                     "effect": effect, "check": None, "kept": True})
+    return pd.DataFrame(rows, columns=["layer", "head", "class", "step", "receivers", "effect", "check", "kept"])

@@ -263,7 +263,7 @@ def path_patching_heatmaps(paths: pd.DataFrame, n_layers: int | None = None) -> 
 
 
 def attention_heatmap(patterns: pd.DataFrame) -> alt.FacetChart:
-    """Attention of a few heads on one prompt (`ioi.report.tables.attention_patterns`)."""
+    """Attention of a few heads on one prompt (`Study.attention_patterns`)."""
     order = patterns.drop_duplicates("query_pos").sort_values("query_pos")["query"].tolist()
     return alt.Chart(patterns).mark_rect().encode(
         x=alt.X("key:N", sort=order, title="key (attended to)"),
@@ -645,7 +645,7 @@ def template_chart(sweep: pd.DataFrame):
 
 def study_figures(study) -> dict[str, alt.TopLevelMixin]:
     """Every figure of the report, from the study's cached results (name -> chart)."""
-    patterns = tables.attention_patterns(study, tables.key_heads(study))
+    patterns = study.attention_patterns(tuple(tables.key_heads(study)))
     return {
         "baseline_distribution": baseline_distribution(study.baseline()),
         "heads": heads_figure(study.head_attributions(), study.head_patching()),

@@ -2,17 +2,15 @@
 one frame, the circuit as a graph (its heads, and one edge per head for the path-patching step
 that put it in the circuit), the heads worth showing, attention patterns on one prompt, head
 scores in long form, and the pooled name-order rows of the template follow-up.
-Compute only: a Study in, a tidy DataFrame out.
+They only read what a Study computed: a Study in, a tidy DataFrame out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ioi.circuits import paths_discovery
-from ioi.engines.hooks import run_with_cache
 
 
 CLASS_ORDER = (
@@ -40,65 +38,22 @@ def path_patching(study) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-# The paper-way discovery's four steps (`ioi.circuits.paths_discovery`), each a path into one
-# receiving class: step -> (receiving class, the receivers' input, its position, what the
-# diagram says the path carries). Step 1 reaches the logits directly.
-DISCOVERY_STEPS = {
-    1: ("logits", None, "END", "direct paths"),
-    2: ("name mover", "q", "END", "via queries at END"),
-    3: ("S-inhibition", "v", "S2", "via values at S2"),
-    4: ("induction", "k", "S1+1", "via keys at S1+1"),
-}
-# The step whose path puts a head of each class in a circuit; a class not listed has none.
-CLASS_STEP = {**paths_discovery.STEP_OF, "backup name mover": 1}
-
-
-def circuit_paths(study) -> pd.DataFrame:
-    """One row per head of the study's circuit, in the discovery table's columns (`layer`, `head`,
-    `class`, `step`, `receivers`, `effect`, `check`): the path that puts the head in the circuit.
-    For the paper-way circuit these are the discovery's own kept rows. For a circuit given by
-    hand (the paper's heads on GPT-2 small) each head's path is measured as the discovery would
-    measure it, into the circuit's own receivers, and `check` is None: nothing was checked."""
-    if study.config.model == "gpt2-small":  # the paper's heads: `Study.circuit`
-        return measured_paths(study.circuit(), study._sweep)
-    table = study.paper_circuit_table()
-    return table[table.kept].reset_index(drop=True)
-
-
-def measured_paths(circuit, sweep) -> pd.DataFrame:
-    """Each head's path for its class (`CLASS_STEP`) into the circuit's receivers of that step,
-    from `sweep` (`Study._sweep`); a head whose class has no step, or whose step's receivers the
-    circuit lacks, has no effect (NaN)."""
-    effects = {}
-    for step, (receiver, receiver_input, position, _) in DISCOVERY_STEPS.items():
-        if receiver == "logits":
-            frame = sweep("logits", None, None, 0).assign(receivers="logits")
-        elif circuit.classes.get(receiver):
-            frame = paths_discovery.into_later_receivers(sweep, tuple(sorted(circuit.classes[receiver])), receiver_input, position)
-        else:
-            continue
-        for row in frame.itertuples():
-            effects[step, int(row.layer), int(row.head)] = (-float(row.relative_change), row.receivers)
-    heads = circuit.to_frame().drop_duplicates(["layer", "head"])
-    rows = []
-    for cls, layer, head in zip(heads["class"], heads.layer, heads["head"]):
-        step = CLASS_STEP.get(cls)
-        effect, receivers = effects.get((step, layer, head), (np.nan, ""))
-        rows.append({"layer": layer, "head": head, "class": cls, "step": step, "receivers": receivers,
-                     "effect": effect, "check": None, "kept": True})
-    return pd.DataFrame(rows, columns=["layer", "head", "class", "step", "receivers", "effect", "check", "kept"])
+# What the diagram says each discovery step's path carries (`paths_discovery.RECEIVERS`).
+CARRIES = {1: "direct paths", 2: "via queries at END", 3: "via values at S2", 4: "via keys at S1+1"}
+DISCOVERY_STEPS = {step: (receiver, receiver_input, position, CARRIES[step])
+                   for step, (receiver, receiver_input, position) in paths_discovery.RECEIVERS.items()}
 
 
 def circuit_graph(study) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's circuit as a graph (`graph_from_paths` of `circuit_paths`)."""
-    return graph_from_paths(circuit_paths(study))
+    """The study's circuit as a graph (`graph_from_paths` of `Study.circuit_paths`)."""
+    return graph_from_paths(study.circuit_paths())
 
 
 def graph_from_paths(paths: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Nodes (one per head: `id`, `layer`, `head`, `class`, `step`, `effect`, `check`, `flagged`)
     and edges (one per head whose path was measured: `source`, the receiving class `target` or
     "logits", `step`, what the path `carries`, its `effect` as a share of the logit difference,
-    `size` = |effect|, `sign`), from a table in the discovery's columns (`circuit_paths`).
+    `size` = |effect|, `sign`), from a table in the discovery's columns (`Study.circuit_paths`).
 
     A path-patching step measures a sender against a whole receiving class at once, so an edge
     runs from a head to a class, not to one head of it. `flagged` marks the heads that failed
@@ -169,25 +124,6 @@ def key_heads(study, k: int = 4) -> list[tuple[int, int]]:
     return picks[:k]
 
 
-@torch.inference_mode()
-def attention_patterns(study, hs, prompt: int = 0) -> pd.DataFrame:
-    """Attention of each head in `hs` on one clean prompt (its real tokens only, no padding):
-    one row per (head, query, key)."""
-    one = study.clean.subset(np.arange(len(study.clean)) == prompt)
-    end = int(one.end[0]) + 1
-    names = sorted({f"blocks.{l}.attn.hook_pattern" for l, _ in hs})
-    _, cache = run_with_cache(study.model, one, names)
-    tokens = [f"{i}:{study.model.tokenizer.decode([t])}" for i, t in enumerate(one.tokens[0, :end].tolist())]
-    rows = []
-    for l, h in hs:
-        pattern = cache[f"blocks.{l}.attn.hook_pattern"][0, h, :end, :end]
-        for q in range(end):
-            for k in range(q + 1):
-                rows.append({"head": f"{l}.{h}", "query": tokens[q], "key": tokens[k], "query_pos": q, "key_pos": k,
-                             "attention": float(pattern[q, k])})
-    return pd.DataFrame(rows)
-
-
 SCORES = ("previous_token_random", "duplicate_token_random", "induction_random", "end_to_io", "end_to_s", "copy_score",
           "negative_copy_score")
 
@@ -210,27 +146,6 @@ def order_summary(sweep: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]
     """The pooled ABBA row, the pooled BABA row and their difference, from `template_sweep`."""
     at = sweep[sweep.level != "template"].set_index("order")
     return at.loc["ABBA"], at.loc["BABA"], at.loc["ABBA-BABA"]
-
-
-def second_study(model: str, main, n: int, n_path: int) -> tuple[object | None, Exception | None]:
-    """The Study of a follow-up's second model, or (None, why not): a follow-up never repeats
-    the main study's model, and a model that is unknown or cannot be loaded here is reported,
-    not raised, so the section can say so in a sentence."""
-    from ioi.engines.check import UnsupportedModelError, check_supported
-    from ioi.models import ModelUnavailableError
-    from ioi.study import Study, StudyConfig
-
-    if not model or model == main.config.model:
-        return None, None
-    try:
-        study = Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path)))
-    except (ModelUnavailableError, ValueError) as error:
-        return None, error
-    try:  # a render runs only what the fast engines compute exactly; the hooks take hours here
-        check_supported(study.model)
-    except UnsupportedModelError as error:
-        return None, error
-    return study, None
 
 
 def completeness_table(frame: pd.DataFrame, max_listed: int = 6) -> pd.DataFrame:
