@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ioi.circuits import paths_discovery
-from ioi.report import figures, tables
+from ioi.report import diagram, figures, tables
 
 LAYERS, HEADS = 3, 4
 
@@ -75,7 +75,7 @@ CHARTS = {
     "path_patching_heatmaps": lambda f: figures.path_patching_heatmaps(f["paths"]),
     "attention_heatmap": lambda f: figures.attention_heatmap(f["patterns"]),
     "scores_strip": lambda f: figures.scores_strip(f["scores"]),
-    "circuit_diagram": lambda f: figures.circuit_diagram(f["nodes"], f["edges"]),
+    "circuit_diagram": lambda f: diagram.circuit_diagram(f["nodes"], f["edges"]),
     "faithfulness_by_template": lambda f: figures.faithfulness_by_template(f["templates"]),
     "size_chart": lambda f: figures.size_chart(f["sizes"], f["others"]),
 }
@@ -98,7 +98,7 @@ def test_heatmap_shows_the_data_it_was_given(frames):
 
 def test_circuit_diagram_sizes_edges_by_effect(frames):
     """Edge width encodes the measured effect size, colour its sign."""
-    layers = figures.circuit_diagram(frames["nodes"], frames["edges"]).to_dict()["layer"]
+    layers = diagram.circuit_diagram(frames["nodes"], frames["edges"]).to_dict()["layer"]
     rule = next(l for l in layers if l["mark"]["type"] == "rule")
     assert rule["encoding"]["strokeWidth"]["field"] == "size"
     assert rule["encoding"]["color"]["field"] == "sign"
@@ -132,7 +132,7 @@ def crowded_paths() -> pd.DataFrame:
 @pytest.fixture
 def crowded():
     nodes, edges = tables.graph_from_paths(crowded_paths())
-    chart = figures.circuit_diagram(nodes, edges)
+    chart = diagram.circuit_diagram(nodes, edges)
     return nodes, edges, chart, chart.to_dict()
 
 
@@ -150,9 +150,9 @@ def test_crowded_circuit_names_every_head_and_class_without_overlap(crowded):
     """Every head and every class (and the logits) has a label, no two labels or markers
     overlap, no label leaves the chart and no edge crosses a label, at print size."""
     nodes, _, chart, spec = crowded
-    assert figures.label_problems(chart, nodes) == []
-    texts = figures.label_boxes(spec).query("kind == 'text'").text
-    assert {t.rstrip(figures.FLAG) for t in texts} >= set(nodes.id) | set(nodes["class"]) | {"logits"}
+    assert diagram.label_problems(chart, nodes) == []
+    texts = diagram.label_boxes(spec).query("kind == 'text'").text
+    assert {t.rstrip(diagram.FLAG) for t in texts} >= set(nodes.id) | set(nodes["class"]) | {"logits"}
     assert len(nodes) == sum(len(heads) for _, _, heads, _ in CROWDED)
     assert spec["width"] <= 650 and spec["height"] <= 280  # an A4 text width at 96 px an inch
 
@@ -164,7 +164,7 @@ def test_label_check_finds_overlaps_and_missing_labels():
     chart = (alt.Chart(frame).mark_point(size=49).encode(x=alt.X("x:Q", scale=None), y=alt.Y("y:Q", scale=None))
              + alt.Chart(frame).mark_text(align="left", dx=6, fontSize=10).encode(
                  x=alt.X("x:Q", scale=None), y=alt.Y("y:Q", scale=None), text="id:N")).properties(width=100, height=80)
-    problems = figures.label_problems(chart, pd.DataFrame({"id": ["23.0", "23.1", "24.4"], "class": ["name mover"] * 3}))
+    problems = diagram.label_problems(chart, pd.DataFrame({"id": ["23.0", "23.1", "24.4"], "class": ["name mover"] * 3}))
     assert "text '23.0' overlaps text '23.1'" in problems
     assert "marker '23.0' overlaps marker '23.1'" in problems
     assert "head 24.4 has no label" in problems and "class 'name mover' has no label" in problems
@@ -184,7 +184,7 @@ def test_every_path_step_has_its_edges_into_the_class_that_receives_it(crowded):
     groups = layer_data(spec, "rect", "x0").set_index("class")
     assert (drawn.x2.to_numpy() == groups.loc[drawn.target, "x0"].to_numpy()).all()
     assert (drawn.x.to_numpy() == groups.loc[nodes.set_index("id").loc[drawn.source, "class"], "x1"].to_numpy()).all()
-    texts = set(figures.label_boxes(spec).text)
+    texts = set(diagram.label_boxes(spec).text)
     assert {carries for _, _, _, carries in tables.DISCOVERY_STEPS.values()} <= texts
 
 
@@ -193,13 +193,13 @@ def test_flagged_heads_are_hollow_and_daggered(crowded):
     legend says so; no other head is."""
     _, _, _, spec = crowded
     names = layer_data(spec, "text", "label")
-    assert names.label[names.id == FLAGGED].tolist() == [FLAGGED + figures.FLAG]
-    assert not names.label[names.id != FLAGGED].str.contains(figures.FLAG).any()
+    assert names.label[names.id == FLAGGED].tolist() == [FLAGGED + diagram.FLAG]
+    assert not names.label[names.id != FLAGGED].str.contains(diagram.FLAG).any()
     markers = layer_data(spec, "point", "status")
-    assert markers.status[markers.id == FLAGGED].tolist() == [figures.CHECKS[False]]
-    assert (markers.status[markers.id != FLAGGED] == figures.CHECKS[True]).all()
+    assert markers.status[markers.id == FLAGGED].tolist() == [diagram.CHECKS[False]]
+    assert (markers.status[markers.id != FLAGGED] == diagram.CHECKS[True]).all()
     shape = next(l for l in spec["layer"] if l["encoding"].get("shape", {}).get("field") == "status")["encoding"]["shape"]
-    assert dict(zip(shape["scale"]["domain"], shape["scale"]["range"]))[figures.CHECKS[False]] == figures.RING
+    assert dict(zip(shape["scale"]["domain"], shape["scale"]["range"]))[diagram.CHECKS[False]] == diagram.RING
     assert "legend" in shape and shape["legend"] is not None
 
 
@@ -209,9 +209,9 @@ def test_many_heads_in_one_class_stay_legible():
     paths = pd.DataFrame([{"layer": 20 + i // 15, "head": i % 15, "class": "name mover", "step": 1, "effect": 0.01 * (i + 1),
                            "check": True} for i in range(40)])
     nodes, edges = tables.graph_from_paths(paths)
-    chart = figures.circuit_diagram(nodes, edges)
-    assert figures.label_problems(chart, nodes) == []
-    assert chart.to_dict()["height"] <= figures.MAX_COLUMN_HEIGHT
+    chart = diagram.circuit_diagram(nodes, edges)
+    assert diagram.label_problems(chart, nodes) == []
+    assert chart.to_dict()["height"] <= diagram.MAX_COLUMN_HEIGHT
 
 
 def test_an_empty_circuit_draws_the_logits_alone():
@@ -221,8 +221,8 @@ def test_an_empty_circuit_draws_the_logits_alone():
     from ioi.circuits.paths_discovery import COLUMNS
 
     nodes, edges = tables.graph_from_paths(pd.DataFrame(columns=COLUMNS))
-    chart = figures.circuit_diagram(nodes, edges)
-    assert figures.label_problems(chart, nodes) == []
+    chart = diagram.circuit_diagram(nodes, edges)
+    assert diagram.label_problems(chart, nodes) == []
     assert vlc.vegalite_to_png(chart.to_dict()).startswith(b"\x89PNG")
 
 
