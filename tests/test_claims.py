@@ -33,7 +33,7 @@ PINNED = {
     "minimality": {"min_change": 0.01},
     "small_circuit": {"max_share": 0.2, "partly_share": 0.4},
     "adversarial": {"min_fall": 0.33},
-    "position_token": {"min_position": 0.325},
+    "position_token": {"min_position": 0.325, "min_token": 0.14},
     "mlp_knockout": {"min_fall": 0.655},
 }
 PINNED_CLASSES = classes.ClassRules(attention_margin=0.1, copy_score=0.575, random_token_score=0.3,
@@ -143,6 +143,10 @@ def test_negative_name_mover_verdicts():
     d = dla({"10.7": -1.0, "9.9": 2.0})  # -25% of a logit difference of 4
     found = C.negative_name_movers(d, scores(**{"10.7": NEGATIVE, "9.9": MOVER}), RULES, 4.0, **th)
     assert found.verdict == "reproduced" and found.value == pytest.approx(-0.25)
+    assert found.facts["movers"] == ["10.7"] and found.facts["strongest"] == "10.7"
+    two = C.negative_name_movers(dla({"10.7": -1.0, "11.10": -0.8, "9.9": 2.0}),
+                                 scores(**{"10.7": NEGATIVE, "11.10": dict(end_to_io=0.5), "9.9": MOVER}), RULES, 4.0, **th)
+    assert two.facts["heads"] == ["10.7", "11.10"] and two.facts["movers"] == ["10.7"]  # the sentence names only 10.7
     assert found.ci_low == pytest.approx(-0.275) and found.ci_high == pytest.approx(-0.225)
     no_copy = C.negative_name_movers(d, scores(**{"10.7": dict(end_to_io=0.5), "9.9": MOVER}), RULES, 4.0, **th)
     assert no_copy.verdict == "partly"
@@ -314,12 +318,13 @@ def test_adversarial_verdicts():
 
 
 def test_position_token_verdicts():
-    """The paper's 2.31 * position + 0.99 * token: reproduced; token over position: partly;
-    neither: not reproduced."""
+    """The paper's 2.31 * position + 0.99 * token: reproduced; token over position, a position
+    signal without a token signal, or a weak one: partly; neither: not reproduced."""
     th = TH["position_token"]
     frame = lambda a, b: pd.DataFrame({"a": noisy(a), "b": noisy(b, seed=1)})  # noqa: E731
     assert C.position_token(frame(2.31, 0.99), 3.55, **th).verdict == "reproduced"
     assert C.position_token(frame(0.99, 2.31), 3.55, **th).verdict == "partly"
+    assert C.position_token(frame(2.83, 0.03), 5.6, **th).verdict == "partly"  # a token signal far under half the paper's
     assert C.position_token(frame(0.5, 0.2), 3.55, **th).verdict == "partly"  # positional, but weak
     assert C.position_token(frame(0.0, 0.0), 3.55, **th).verdict == "not reproduced"
     assert C.position_token(None, 3.55, **th).verdict == "not measured"

@@ -161,13 +161,13 @@ def negative_name_movers(
     shares = shares.merge(scores, on=["layer", "head"]).sort_values("share")
     strongest = shares.iloc[0]
     strong = shares[shares.high <= -min_share]
-    facts = {"heads": _labels(strong), "min_share": min_share,
+    at_paper_strength = (_members(strong, "negative name mover", rules) & (strong.negative_copy_score >= paper_copy)
+                         if len(strong) else pd.Series(dtype=bool))
+    facts = {"heads": _labels(strong), "movers": _labels(strong[at_paper_strength.to_numpy()]) if len(strong) else [],
+             "strongest": _labels(shares.head(1))[0], "min_share": min_share,
              "copy": [f"{c:.0%}" for c in strong.negative_copy_score]}
-    finding = lambda verdict: Finding(verdict, float(strongest.share), float(strongest.low), float(strongest.high), facts=facts)  # noqa: E731
-    if not len(strong):
-        return finding("not reproduced")
-    at_paper_strength = _members(strong, "negative name mover", rules) & (strong.negative_copy_score >= paper_copy)
-    return finding("reproduced" if at_paper_strength.any() else "partly")
+    verdict = "not reproduced" if not len(strong) else "reproduced" if at_paper_strength.any() else "partly"
+    return Finding(verdict, float(strongest.share), float(strongest.low), float(strongest.high), facts=facts)
 
 
 # --- What feeds the name movers (§3.2, §3.3, App. A) ------------------------------------------
@@ -230,15 +230,18 @@ def previous_token(paths: pd.DataFrame | None, scores: pd.DataFrame, rules: clas
     return _senders_finding(paths, scores, rules, share, ("previous token",), need_all_kinds=False)
 
 
-def position_token(frame: pd.DataFrame | None, logit_diff: float, min_position: float, seed: int = 0) -> Finding:
+def position_token(
+    frame: pd.DataFrame | None, logit_diff: float, min_position: float, min_token: float, seed: int = 0,
+) -> Finding:
     """logit difference ~ a * position + b * token, per prompt (`Study.position_token`):
-    reproduced if a - b and b are above 0 and a >= `min_position` of the logit difference (lower
-    95% limits); partly if a or b is above 0."""
+    reproduced if a - b is above 0, a >= `min_position` and b >= `min_token` of the logit
+    difference (lower 95% limits: the paper's position signal larger than its token signal, each
+    at half the paper's size); partly if a or b is above 0."""
     if frame is None:
         return NOT_MEASURED
     a, b = frame.a.to_numpy(), frame.b.to_numpy()
     (a_low, a_high), b_low, diff_low = bootstrap_ci(a, seed), bootstrap_ci(b, seed)[0], bootstrap_ci(a - b, seed)[0]
-    strong = diff_low > 0 and b_low > 0 and a_low >= min_position * logit_diff
+    strong = diff_low > 0 and a_low >= min_position * logit_diff and b_low >= min_token * logit_diff
     verdict = "reproduced" if strong else "partly" if a_low > 0 or b_low > 0 else "not reproduced"
     return Finding(verdict, float(a.mean()), a_low, a_high, unit="logit",
                    facts={"a": _logits(a.mean()), "b": _logits(b.mean())})
