@@ -111,3 +111,14 @@ def test_component_comparison_covers_every_kind(tiny_model):
     cfg = tiny_model.cfg
     assert result["q"]["n"] == cfg.n_layers * cfg.n_heads and result["mlp_out"]["n"] == cfg.n_layers
     assert all(-1 <= result[k]["pearson_r"] <= 1 for k in ("head_out", "q", "k", "v", "mlp_out"))
+
+
+def test_attribution_by_chunks_of_prompts_is_the_whole_batchs(tiny_gpt2):
+    """Prompts do not interact, so the estimates summed over chunks of prompts equal those of
+    one backward pass over all of them."""
+    clean, corrupted = make_pair(tiny_gpt2, n=10)
+    args = (tiny_gpt2, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+    whole, chunked = attribute(*args, chunk=10), attribute(*args, chunk=3)
+    for field in ("head_pos", "resid_pre", "attn_out", "mlp_out", "q", "k", "v"):
+        torch.testing.assert_close(getattr(chunked, field), getattr(whole, field), atol=1e-5, rtol=1e-4)
+    assert chunked.corrupted_logit_diff == pytest.approx(whole.corrupted_logit_diff, abs=1e-5)
