@@ -36,7 +36,7 @@ from ioi import claims
 from ioi.circuits import criteria
 from ioi.dataset import load_distribution
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
-from ioi.models import KNOWN_MODELS, ModelUnavailableError
+from ioi.models import KNOWN_MODELS, ModelUnavailableError, is_loaded, release
 from ioi.study import Study, StudyConfig
 
 
@@ -79,6 +79,7 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
         _check_model_name(name)
     rows = []
     for name in tqdm(models, desc="size sweep"):
+        loaded_before = is_loaded(name)
         start = time.perf_counter()
         facts = MODELS.get(name, ModelFacts(name, float("nan")))
         base = {"model": name, "family": facts.family, "n_params": facts.n_params}
@@ -91,7 +92,9 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
         seconds = round(time.perf_counter() - start, 2)
         rows += [{**base, **row, "seconds": seconds} for row in measured]
         del study
-        _release_models()
+        if not loaded_before:  # a model the sweep loaded: free it before the next (the largest take GBs)
+            release(name)
+            gc.collect()
     return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
 
@@ -102,14 +105,6 @@ def study_rows(study: Study) -> pd.DataFrame:
     facts = MODELS.get(name, ModelFacts(name, float("nan")))
     rows = [{"model": name, "family": facts.family, **row, "seconds": np.nan} for row in model_rows(study)]
     return pd.DataFrame(rows, columns=SIZE_COLUMNS)
-
-
-def _release_models() -> None:
-    """Drop the loaded models, so that a sweep holds one model at a time (the largest take GBs)."""
-    from ioi import models
-
-    models._load_model.cache_clear()
-    gc.collect()
 
 
 def _check_model_name(name: str) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import functools
 import gc
 import hashlib
 import importlib.util
@@ -112,15 +111,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("IOI_CACHE_DIR", Path.home() / ".cache" / "ioi"))
 
 
+# The models loaded in this process, by (name, device, dtype), at most MAX_LOADED of them, the
+# least recently used dropped first; `release` drops one at once (a 1.5B model holds 7 GB).
+_loaded: dict[tuple, TransformerBridge] = {}
+MAX_LOADED = 4
+
+
 def load_model(
     name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TransformerBridge:
     """A `TransformerBridge` for `name` (see `KNOWN_MODELS`, or a local directory), in
     compatibility mode, in eval mode, on `device` and in `dtype`. Loaded once per process."""
-    return _load_model(str(name), str(device), dtype)
+    key = (str(name), str(device), dtype)
+    if key not in _loaded:
+        _loaded[key] = _load_model(*key)
+        while len(_loaded) > MAX_LOADED:
+            _loaded.pop(next(iter(_loaded)))
+    _loaded[key] = _loaded.pop(key)  # the most recently used last
+    return _loaded[key]
 
 
-@functools.lru_cache(maxsize=4)
+def is_loaded(name: str) -> bool:
+    return any(key[0] == str(name) for key in _loaded)
+
+
+def release(name: str) -> None:
+    """Forget the loaded copies of `name`, so that its memory goes once nothing else holds it."""
+    for key in [k for k in _loaded if k[0] == str(name)]:
+        del _loaded[key]
+
+
 def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
     if name == "gpt2-small-random":
         bridge = _boot_random_gpt2(device, dtype)
