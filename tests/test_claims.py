@@ -381,7 +381,7 @@ def test_claims_on_a_tiny_study_fill_every_sentence(tiny_study):
     assert list(frame.claim_id) == [c["id"] for c in C.load_claims()]
     for claim_id, sentence in scorecard.claim_sentences(frame).items():
         assert "{" not in sentence and "nan" not in sentence.lower() and "np." not in sentence, (claim_id, sentence)
-    table = scorecard.claims_table(frame)._repr_markdown_()
+    table = scorecard.claims_table({"tiny": frame})._repr_markdown_()
     assert table.count("\n") == len(frame) + 1
     only = C.claims(tiny_study, only=["behaviour", "backup"])
     assert list(only.claim_id) == ["behaviour", "backup"]

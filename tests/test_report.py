@@ -189,3 +189,8 @@ def test_size_trend_text_follows_the_computed_change():
     assert "the logit difference rises (3.00 [2.80, 3.20] → 4.00 [3.70, 4.30])" in said
     assert "the top writers that are name movers 33% → 33% (same verdict: partly)" in said
     assert text.size_trend_text(trend.iloc[:0], sweep).startswith("with fewer than two sizes")
+
+
+def test_numbers_never_print_a_negative_zero():
+    assert text.fmt(-0.001) == "0.00" and text.fmt(-1.5) == "−1.50"
+    assert text.pct(-0.001) == "0%" and text.pct(-0.2) == "−20%" and text.pct(-0.0004, 1) == "0.0%"

@@ -68,8 +68,8 @@ def _relative_depth(layer, n_layers: int):
 
 
 def _logits(x: float) -> str:
-    """A logit difference for a sentence, with a true minus sign."""
-    return f"{x:.2f}".replace("-", "−")
+    """A logit difference for a sentence, with a true minus sign (and no −0.00)."""
+    return f"{x:.2f}".replace("-", "−").replace("−0.00", "0.00")
 
 
 def _grade(first, second) -> str:

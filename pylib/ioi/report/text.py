@@ -29,13 +29,19 @@ def fmt(x, digits: int = 2) -> Md:
         return Md(f"{x:,}")
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return Md("n/a")
-    return Md(f"{x:.{digits}f}".replace("-", "−"))
+    text = f"{x:.{digits}f}"
+    if float(text) == 0:  # no −0.00
+        text = f"{0:.{digits}f}"
+    return Md(text.replace("-", "−"))
 
 
 def pct(x, digits: int = 0) -> Md:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return Md("n/a")
-    return Md(f"{100 * x:.{digits}f}%".replace("-", "−"))
+    text = f"{100 * x:.{digits}f}"
+    if float(text) == 0:  # no −0%
+        text = f"{0:.{digits}f}"
+    return Md(text.replace("-", "−") + "%")
 
 
 def ci(low, high, digits: int = 2) -> Md:
