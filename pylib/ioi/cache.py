@@ -57,9 +57,10 @@ def dataset_fingerprint(dataset: IOIDataset) -> str:
     return _hash(dataset.prepend_bos, dataset.template_id.tobytes(), *map(_tensor_bytes, parts))
 
 
-# Code that only presents results (charts, prose, the command line) cannot change a cached
-# result, so editing it does not invalidate the cache; everything else does.
-PRESENTATION = ("report", "cli.py", "bench.py", "reproduce.py", "__main__.py")
+# Code that only presents results (charts, prose, the command line) or judges them (the claims'
+# rules, applied afresh to cached results and never cached) cannot change a cached result, so
+# editing it does not invalidate the cache; everything else does.
+PRESENTATION = ("report", "cli.py", "bench.py", "reproduce.py", "__main__.py", "claims.py")
 
 
 def compute_files() -> list[Path]:
