@@ -20,7 +20,8 @@ tqdm.auto.tqdm = tqdm.std.tqdm  # before any library imports it
 import altair as alt
 import pandas as pd
 
-from ioi import followups
+from ioi import claims, followups
+from ioi.circuits import classes
 from ioi.circuits.criteria import load_circuit
 from ioi.claims import claims as structural_claims
 from ioi.report import figures, scorecard, tables, text

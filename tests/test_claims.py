@@ -28,7 +28,7 @@ PINNED = {
     "previous_token": {},
     "backup": {"min_recovered": 0.5, "min_rise": 0.05},
     "residual_flow": {"depth": 0.73, "tolerance": 0.2, "min_signal": 0.2},
-    "faithfulness": {"min_faithfulness": 0.8, "min_low": 0.7, "partly": 0.5},
+    "faithfulness": {"max_gap": 0.2, "max_gap_ci": 0.3, "partly_gap": 0.5},
     "completeness": {"max_incompleteness": 0.2, "paper_greedy": 0.87},
     "minimality": {"min_change": 0.01},
     "small_circuit": {"max_share": 0.2, "partly_share": 0.4},
@@ -155,6 +155,7 @@ def test_negative_name_mover_verdicts():
     assert uncertain.verdict == "not reproduced"
     assert C.negative_name_movers(dla({"10.7": -0.1, "9.9": 2.0}), scores(**{"10.7": NEGATIVE, "9.9": MOVER}),
                                   RULES, 4.0, **th).verdict == "not reproduced"
+    assert C.negative_name_movers(d, scores(**{"10.7": NEGATIVE, "9.9": MOVER}), RULES, -1.0, **th).case == "no preference"
 
 
 def attention(io_clean, s2_clean, io_patched, s2_patched, n=60):
@@ -175,6 +176,8 @@ def test_s_inhibition_verdicts():
     none = C.s_inhibition(None, [], True, **th)
     assert none.verdict == "not reproduced" and none.case == "none found"
     assert C.s_inhibition(None, [], False, **th).verdict == "not measured"
+    backwards = C.s_inhibition(attention(0.1, 0.3, 0.1, 0.3), senders, True, **th)
+    assert backwards.verdict == "not reproduced" and backwards.case == "no preference to lose"
 
 
 def test_induction_duplicate_verdicts():
@@ -230,6 +233,14 @@ def test_backup_verdicts():
     assert C.backup(*backup_tables(0.2), RULES, 3.0, **th).verdict == "partly"
     assert C.backup(*backup_tables(0.0), RULES, 3.0, **th).verdict == "not reproduced"
     assert C.backup(None, None, scores(), RULES, 3.0, **th).verdict == "not measured"
+    riser_too_small = C.backup(*backup_tables(0.9, riser=("9.0", 0.1)), RULES, 3.0, **th)  # 3% of 3.0
+    assert riser_too_small.verdict == "partly" and riser_too_small.facts["backup"] == []
+    unsure = backup_tables(0.9)
+    unsure[1]["rise_ci_low"] = -0.1  # rises, but its interval includes no rise
+    assert C.backup(*unsure, RULES, 3.0, **th).facts["backup"] == []
+    nothing_lost = C.backup(*backup_tables(0.0, lost=-0.5), RULES, 3.0, **th)
+    assert nothing_lost.verdict == "not measured" and nothing_lost.case == "no loss"
+    assert C.backup(*backup_tables(0.9), RULES, -1.0, **th).case == "no preference"
 
 
 def residual(table: dict):
@@ -255,6 +266,8 @@ def test_residual_flow_verdicts_and_negative_columns():
     assert C.residual_flow(early, 12, **th).verdict == "partly"  # S2, but handing over at depth 0.27
     at_once = residual({"IO": zeros, "S1": zeros, "S2": zeros, "END": [1.0] * 12})
     assert C.residual_flow(at_once, 12, **th).verdict == "not reproduced"
+    faint = residual({"IO": zeros, "S1": zeros, "S2": [0.1] * 8 + [0.0] * 4, "END": [0.0] * 8 + [1.0] * 4})
+    assert C.residual_flow(faint, 12, **th).verdict == "partly"  # S2 leads, but restores under min_signal
 
 
 def test_faithfulness_verdicts():
@@ -264,6 +277,11 @@ def test_faithfulness_verdicts():
     assert C.faithfulness(26, f(0.87, w=0.5), **th).verdict == "partly"  # too uncertain to count
     assert C.faithfulness(26, f(0.6), **th).verdict == "partly"
     assert C.faithfulness(26, f(0.3), **th).verdict == "not reproduced"
+    # overshooting the model is as unfaithful as falling short (the paper's |F(M) - F(C)|)
+    assert C.faithfulness(26, f(1.1), **th).verdict == "reproduced"
+    assert C.faithfulness(26, f(1.15, w=0.2), **th).verdict == "partly"  # its interval reaches 1.35
+    assert C.faithfulness(26, f(1.4), **th).verdict == "partly"
+    assert C.faithfulness(26, f(1.6), **th).verdict == "not reproduced"
     assert C.faithfulness(0, {}, **th).verdict == "not measured"
 
 
@@ -285,6 +303,8 @@ def test_completeness_verdicts():
     assert C.completeness(completeness_table(0.4, 0.5), **th).verdict == "partly"
     assert C.completeness(completeness_table(0.1, 0.95), **th).verdict == "partly"
     assert C.completeness(completeness_table(0.4, 0.95), **th).verdict == "not reproduced"
+    no_greedy = C.completeness(completeness_table(0.1, 0.5).query("subset != 'greedy'"), **th)
+    assert no_greedy.verdict == "not measured" and no_greedy.case == "no greedy"
     assert C.completeness(None, **th).verdict == "not measured"
 
 
@@ -315,6 +335,8 @@ def test_adversarial_verdicts():
     assert paper.verdict == "reproduced" and paper.value == pytest.approx(1 - 1.23 / 3.55, abs=0.02)
     assert C.adversarial(frame(3.0), **th).verdict == "partly"
     assert C.adversarial(frame(3.6), **th).verdict == "not reproduced"
+    backwards = pd.DataFrame({"logit_diff": noisy(-1.0), "logit_diff_extra_io": noisy(-3.0), "io_beats_s_extra_io": False})
+    assert C.adversarial(backwards, **th).case == "no preference"  # a "fall" from a negative mean reads backwards
 
 
 def test_position_token_verdicts():
@@ -327,6 +349,9 @@ def test_position_token_verdicts():
     assert C.position_token(frame(2.83, 0.03), 5.6, **th).verdict == "partly"  # a token signal far under half the paper's
     assert C.position_token(frame(0.5, 0.2), 3.55, **th).verdict == "partly"  # positional, but weak
     assert C.position_token(frame(0.0, 0.0), 3.55, **th).verdict == "not reproduced"
+    even = C.position_token(frame(1.6, 1.7), 3.55, **th)  # both at half the paper's size, token ahead
+    assert even.verdict == "partly" and even.case == "token over position"
+    assert C.position_token(frame(2.31, 0.99), -1.0, **th).case == "no preference"
     assert C.position_token(None, 3.55, **th).verdict == "not measured"
 
 
@@ -337,6 +362,90 @@ def test_mlp_knockout_verdicts():
     assert C.mlp_knockout(frame(-1.1), **th).verdict == "reproduced"
     assert C.mlp_knockout(frame(2.5), **th).verdict == "partly"
     assert C.mlp_knockout(frame(3.6), **th).verdict == "not reproduced"
+    assert C.mlp_knockout(pd.DataFrame({"logit_diff": noisy(-1.0), "knocked_out": noisy(0.0)}), **th).case == "no preference"
+
+
+def hand_made_findings() -> dict[str, list]:
+    """Findings from the hand-made tables above, at least one for every sentence of every claim."""
+    d = dla({"9.0": 3.0, "9.1": 2.0, "8.0": 1.0, "1.0": -0.5})
+    movers = scores(**{"9.0": MOVER, "9.1": MOVER, "8.0": MOVER})
+    neg = dla({"10.7": -1.0, "9.9": 2.0})
+    ind, dup, prev = dict(induction_random=0.6), dict(duplicate_token_random=0.5), dict(previous_token_random=0.8)
+    p3 = paths({"5.5": 0.2, "0.1": 0.1, "3.0": 0.05})
+    plain = scores(**dict.fromkeys(("5.5", "0.1", "3.0"), {}))  # attend to nothing in particular
+    base = {(l, h): 0.01 for l in range(10) for h in range(2)}
+    f = lambda x, w=0.05: {"faithfulness": x, "faithfulness_ci_low": x - w, "faithfulness_ci_high": x + w}  # noqa: E731
+    mini = lambda changes: pd.DataFrame({"relative_change": changes})  # noqa: E731
+    small = lambda k: pd.DataFrame({"in_circuit": [True] * k + [False] * (144 - k), "method": "attribution patching"})  # noqa: E731
+    extra = lambda before, after: pd.DataFrame({"logit_diff": noisy(before), "logit_diff_extra_io": noisy(after, seed=1),  # noqa: E731
+                                                "io_beats_s_extra_io": True})
+    mlp = lambda before, after: pd.DataFrame({"logit_diff": noisy(before), "knocked_out": noisy(after, seed=1)})  # noqa: E731
+    pos = lambda a, b: pd.DataFrame({"a": noisy(a), "b": noisy(b, seed=1)})  # noqa: E731
+    zeros = [0.0] * 12
+    th = TH
+    return {
+        "behaviour": [C.behaviour(summary(*v), **th["behaviour"]) for v in ((0.97, 0.93, 1.0), (0.92, 0.85, 0.97), (0.6, 0.5, 0.7))]
+        + [C.NOT_MEASURED],
+        "direct_writers": [C.direct_writers(per_prompt(base | w), 10, **th["direct_writers"] | {"top_share": 0.1})
+                           for w in ({(9, 0): 3.0}, {(1, 0): 3.0}, {})] + [C.NOT_MEASURED],
+        "name_movers": [C.name_movers(d, sc, RULES, **th["name_movers"]) for sc in (
+            movers, scores(**{"9.0": MOVER, "9.1": WEAK_MOVER, "8.0": MOVER}), scores(**dict.fromkeys(("9.0", "9.1", "8.0"), {})))]
+        + [C.name_movers(dla({"1.0": -1.0}), scores(), RULES, **th["name_movers"])],
+        "negative_name_movers": [C.negative_name_movers(dd, sc, RULES, ld, **th["negative_name_movers"]) for dd, sc, ld in (
+            (neg, scores(**{"10.7": NEGATIVE}), 4.0), (neg, scores(**{"10.7": dict(end_to_io=0.5)}), 4.0),
+            (dla({"10.7": -0.1}), scores(**{"10.7": NEGATIVE}), 4.0), (neg, scores(**{"10.7": NEGATIVE}), -1.0))]
+        + [C.NOT_MEASURED],
+        "s_inhibition": [C.s_inhibition(attention(*v), ["7.3"], True, **th["s_inhibition"]) for v in (
+            (0.6, 0.1, 0.35, 0.35), (0.6, 0.1, 0.55, 0.15), (0.6, 0.1, 0.6, 0.1), (0.1, 0.3, 0.1, 0.3))]
+        + [C.s_inhibition(None, [], True, **th["s_inhibition"]), C.s_inhibition(None, [], False, **th["s_inhibition"])],
+        "induction_duplicate": [C.induction_duplicate(pp, sc, RULES, 0.02) for pp, sc in (
+            (p3, scores(**{"5.5": ind, "0.1": dup, "3.0": dup})), (p3, scores(**{"5.5": ind, "0.1": {}, "3.0": {}})), (p3, plain),
+            (paths({"5.5": 0.01}), scores()), (None, scores()))],
+        "previous_token": [C.previous_token(pp, sc, RULES, 0.02) for pp, sc in (
+            (p3, scores(**{"5.5": prev, "0.1": prev})), (p3, scores(**{"5.5": prev, "0.1": {}, "3.0": {}})), (p3, plain),
+            (paths({"5.5": 0.01}), scores()), (None, scores()))],
+        "backup": [C.backup(*backup_tables(r, lost=lost), RULES, ld, **th["backup"]) for r, lost, ld in (
+            (0.9, 4.0, 3.0), (0.2, 4.0, 3.0), (0.0, 4.0, 3.0), (0.0, -0.5, 3.0), (0.9, 4.0, -1.0))]
+        + [C.backup(None, None, scores(), RULES, 3.0, **th["backup"])],
+        "residual_flow": [C.residual_flow(residual(t), 12, **th["residual_flow"]) for t in (
+            {"IO": zeros, "S2": [0.9] * 8 + [0.1] * 4, "END": [0.0] * 8 + [1.0] * 4},
+            {"IO": [0.5] * 8 + [0.0] * 4, "S2": zeros, "END": [0.1] * 8 + [1.0] * 4},
+            {"IO": zeros, "S2": [0.9] * 12, "END": [0.5] * 12})]
+        + [C.NOT_MEASURED],
+        "faithfulness": [C.faithfulness(26, f(x), **th["faithfulness"]) for x in (0.87, 0.6, 0.3)]
+        + [C.faithfulness(0, {}, **th["faithfulness"])],
+        "completeness": [C.completeness(t, **th["completeness"]) for t in (
+            completeness_table(0.1, 0.5), completeness_table(0.4, 0.5), completeness_table(0.4, 0.95),
+            completeness_table(0.1, 0.5).query("subset != 'greedy'"), None)],
+        "minimality": [C.minimality(mini(v), **th["minimality"]) for v in ([0.2, 0.05], [0.2, 0.05, 0.005], [0.005])]
+        + [C.minimality(None, **th["minimality"])],
+        "small_circuit": [C.small_circuit(t, 144, **th["small_circuit"]) for t in (small(26), small(50), small(100), None)],
+        "adversarial": [C.adversarial(extra(3.55, a), **th["adversarial"]) for a in (1.23, 3.0, 3.6)]
+        + [C.adversarial(extra(-1.0, -3.0), **th["adversarial"]), C.adversarial(None, **th["adversarial"])],
+        "position_token": [C.position_token(pos(a, b), ld, **th["position_token"]) for a, b, ld in (
+            (2.31, 0.99, 3.55), (1.6, 1.7, 3.55), (0.5, 0.2, 3.55), (0.0, 0.0, 3.55), (2.31, 0.99, -1.0))]
+        + [C.position_token(None, 3.55, **th["position_token"])],
+        "mlp_knockout": [C.mlp_knockout(mlp(3.56, a), **th["mlp_knockout"]) for a in (-1.1, 2.5, 3.6)]
+        + [C.mlp_knockout(mlp(-1.0, 0.0), **th["mlp_knockout"]), C.mlp_knockout(None, **th["mlp_knockout"])],
+    }
+
+
+def test_every_sentence_of_every_claim_formats_from_its_predicates_facts():
+    """Each claim's every text (each verdict and each case, and the shared ones it can pick) is
+    reached by a hand-made finding, and formats from the facts its predicate gives, with no brace
+    left, no nan and no leaked None."""
+    named = C.rule_values(StudyConfig().paths) | {"logit_diff": "−1.00"}
+    shared = set(C.shared_texts())
+    for spec in C.load_claims():
+        reached = set()
+        for finding in hand_made_findings()[spec["id"]]:
+            row = C.claim_row(spec, finding, named)
+            key = f"{finding.verdict}: {finding.case}" if finding.case else finding.verdict
+            assert key in spec["text"] or key in shared, (spec["id"], key)
+            reached.add(key)
+            sentence = scorecard.claim_sentence(pd.Series(row))
+            assert "{" not in sentence and not re.search(r"\bnan\b|\bNone\b", sentence), (spec["id"], sentence)
+        assert set(spec["text"]) <= reached, (spec["id"], set(spec["text"]) - reached)
 
 
 # --- The rules file, and a real (tiny) study ----------------------------------------------------------

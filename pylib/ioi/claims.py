@@ -57,6 +57,9 @@ class Finding:
 
 
 NOT_MEASURED = Finding("not measured")
+# A claim that divides by the logit difference (or by a mean before an intervention) means
+# nothing when the model does not prefer IO on average: such claims are not judged.
+NO_PREFERENCE = Finding("not measured", case="no preference")
 
 
 def _labels(frame: pd.DataFrame) -> list[str]:
@@ -85,7 +88,8 @@ def _beyond(low: float, threshold: float) -> str:
 
 
 def _fall(after, before, seed: int) -> tuple[float, float, float]:
-    """1 - mean(after) / mean(before) over prompts, with a 95% paired bootstrap interval."""
+    """1 - mean(after) / mean(before) over prompts, with a 95% paired bootstrap interval
+    (callers check that mean(before) > 0: a fall from a negative mean reads backwards)."""
     low, high = criteria.ratio_ci(after, before, seed)
     return 1 - float(np.mean(after) / np.mean(before)), 1 - high, 1 - low
 
@@ -157,6 +161,8 @@ def negative_name_movers(
 ) -> Finding:
     """Heads whose DLA (upper 95% limit) is at most -`min_share` of the logit difference; reproduced
     if one of them is a negative name mover with a negative copy score at the paper's level."""
+    if logit_diff <= 0:
+        return NO_PREFERENCE
     shares = dla.assign(share=dla["mean"] / logit_diff, low=dla.ci_low / logit_diff, high=dla.ci_high / logit_diff)
     shares = shares.merge(scores, on=["layer", "head"]).sort_values("share")
     strongest = shares.iloc[0]
@@ -183,6 +189,8 @@ def s_inhibition(attention: pd.DataFrame | None, senders: list, has_movers: bool
         return Finding("not reproduced", case="none found")
     clean = attention.to_io_clean - attention.to_s2_clean
     patched = attention.to_io_patched - attention.to_s2_patched
+    if clean.mean() <= 0:  # name movers pass their check by preferring IO; a mean can still fall below
+        return Finding("not reproduced", case="no preference to lose")
     value, low, high = _fall(patched, clean, seed)
     means = attention.mean()
     return Finding(_beyond(low, min_fall), value, low, high, facts={
@@ -212,9 +220,9 @@ def _senders_finding(paths, scores, rules, share, kinds: tuple[str, ...], need_a
     every_kind = all(m.any() for m in member.values()) or not need_all_kinds
     verdict = "reproduced" if n > k / 2 and every_kind else "partly" if n else "not reproduced"
     counts = [f"{int(m.sum())} {kind}" for kind, m in member.items()]
-    return Finding(verdict, n / k, facts={"k": k, "passing": n, "heads": _labels(senders.head(6)),
-                                          "kinds": ", ".join(counts), "share": share},
-                   case="none passes" if verdict == "not reproduced" else None)
+    shown = _labels(senders.head(6)) + ([f"{k - 6} more"] if k > 6 else [])
+    return Finding(verdict, n / k, facts={"k": k, "passing": n, "heads": shown,
+                                          "kinds": ", ".join(counts), "share": share})
 
 
 def induction_duplicate(paths: pd.DataFrame | None, scores: pd.DataFrame, rules: classes.ClassRules, share: float) -> Finding:
@@ -239,12 +247,16 @@ def position_token(
     at half the paper's size); partly if a or b is above 0."""
     if frame is None:
         return NOT_MEASURED
+    if logit_diff <= 0:
+        return NO_PREFERENCE
     a, b = frame.a.to_numpy(), frame.b.to_numpy()
     (a_low, a_high), b_low, diff_low = bootstrap_ci(a, seed), bootstrap_ci(b, seed)[0], bootstrap_ci(a - b, seed)[0]
-    strong = diff_low > 0 and a_low >= min_position * logit_diff and b_low >= min_token * logit_diff
-    verdict = "reproduced" if strong else "partly" if a_low > 0 or b_low > 0 else "not reproduced"
+    both_strong = a_low >= min_position * logit_diff and b_low >= min_token * logit_diff
+    verdict = ("reproduced" if both_strong and diff_low > 0 else "partly" if a_low > 0 or b_low > 0
+               else "not reproduced")
     return Finding(verdict, float(a.mean()), a_low, a_high, unit="logit",
-                   facts={"a": _logits(a.mean()), "b": _logits(b.mean())})
+                   facts={"a": _logits(a.mean()), "b": _logits(b.mean())},
+                   case="token over position" if both_strong and diff_low <= 0 else None)
 
 
 # --- Backup, the residual route, the criteria (§3.4, §4) ---------------------------------------
@@ -258,8 +270,12 @@ def backup(
     share of their lost direct effect the other heads recover (paired bootstrap CI); the heads
     whose direct effect rises by >= `min_rise` of the logit difference are named, and those among
     them that pass as name movers are backup name movers."""
-    if per_prompt is None or per_prompt.lost.mean() <= 0:
+    if per_prompt is None:
         return NOT_MEASURED
+    if logit_diff <= 0:
+        return NO_PREFERENCE
+    if per_prompt.lost.mean() <= 0:
+        return Finding("not measured", facts={"heads": list(per_prompt.attrs.get("heads", []))}, case="no loss")
     value = float(per_prompt.recovered_by_heads.mean() / per_prompt.lost.mean())
     low, high = criteria.ratio_ci(per_prompt.recovered_by_heads, per_prompt.lost, seed)
     risers = rises[(rises.rise >= min_rise * logit_diff) & (rises.rise_ci_low > 0)].merge(scores, on=["layer", "head"])
@@ -309,13 +325,15 @@ def _handover(wide: pd.DataFrame) -> int | None:
     return int(wide.index[not_end[-1] + 1]) if not_end[-1] + 1 < len(wide) else None
 
 
-def faithfulness(n_circuit_heads: int, faith: dict, min_faithfulness: float, min_low: float, partly: float) -> Finding:
-    """F(C)/F(M) (`Study.faithfulness`), judged on the point and on its lower 95% limit."""
+def faithfulness(n_circuit_heads: int, faith: dict, max_gap: float, max_gap_ci: float, partly_gap: float) -> Finding:
+    """F(C)/F(M) (`Study.faithfulness`), judged by its distance from 1 (the paper's |F(M) - F(C)|:
+    overshooting the model is as unfaithful as falling short) on the point and on its 95% interval."""
     if not n_circuit_heads:
         return NOT_MEASURED
-    f, low = faith["faithfulness"], faith["faithfulness_ci_low"]
-    verdict = "reproduced" if f >= min_faithfulness and low >= min_low else "partly" if f >= partly else "not reproduced"
-    return Finding(verdict, f, low, faith["faithfulness_ci_high"], facts={"k": n_circuit_heads})
+    f, low, high = faith["faithfulness"], faith["faithfulness_ci_low"], faith["faithfulness_ci_high"]
+    close = abs(1 - f) <= max_gap and 1 - max_gap_ci <= low and high <= 1 + max_gap_ci
+    verdict = "reproduced" if close else "partly" if abs(1 - f) <= partly_gap else "not reproduced"
+    return Finding(verdict, f, low, high, facts={"k": n_circuit_heads})
 
 
 def completeness(table: pd.DataFrame | None, max_incompleteness: float, paper_greedy: float) -> Finding:
@@ -326,6 +344,8 @@ def completeness(table: pd.DataFrame | None, max_incompleteness: float, paper_gr
     f_m = float(table.set_index("subset").F_M_minus_K["empty"])
     tested = table.subset.str.startswith(("class:", "random"))
     worst = float(table.incompleteness[tested].max() / f_m) if tested.any() else 0.0
+    if not (table.subset == "greedy").any():
+        return Finding("not measured", worst, case="no greedy")
     greedy = float(table.incompleteness[table.subset == "greedy"].max() / f_m)
     return Finding(_grade(worst <= max_incompleteness, greedy <= paper_greedy), worst, facts={"greedy": greedy})
 
@@ -359,6 +379,8 @@ def adversarial(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> F
     """`Study.extra_io`: the fall of the mean logit difference with two more mentions of IO."""
     if frame is None or not len(frame):
         return NOT_MEASURED
+    if frame.logit_diff.mean() <= 0:
+        return NO_PREFERENCE
     value, low, high = _fall(frame.logit_diff_extra_io, frame.logit_diff, seed)
     return Finding(_beyond(low, min_fall), value, low, high, facts={
         "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.logit_diff_extra_io.mean()),
@@ -371,6 +393,8 @@ def mlp_knockout(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> 
     first mean-ablated."""
     if frame is None or not len(frame):
         return NOT_MEASURED
+    if frame.logit_diff.mean() <= 0:
+        return NO_PREFERENCE
     value, low, high = _fall(frame.knocked_out, frame.logit_diff, seed)
     return Finding(_beyond(low, min_fall), value, low, high, facts={
         "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.knocked_out.mean()),
@@ -382,6 +406,11 @@ def mlp_knockout(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> 
 
 def load_claims(path: Path = CLAIMS_PATH) -> list[dict]:
     return json.loads(Path(path).read_text())["claims"]
+
+
+def shared_texts(path: Path = CLAIMS_PATH) -> dict[str, str]:
+    """Sentences any claim may pick for a case of its verdict (`no preference`)."""
+    return json.loads(Path(path).read_text())["texts"]
 
 
 def backup_tables(study) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
@@ -455,15 +484,19 @@ def claims(study, specs: list[dict] | None = None, only: Sequence[str] | None = 
             raise ValueError(f"No such claims: {sorted(unknown)}")
         specs = [c for c in specs if c["id"] in only]
     found = findings(study, specs)
-    named = rule_values(study.config.paths)
-    rows = []
-    for spec in specs:
-        f = found[spec["id"]]
-        text = spec["text"].get(f"{f.verdict}: {f.case}", spec["text"][f.verdict]) if f.case else spec["text"][f.verdict]
-        rows.append({
-            "claim_id": spec["id"], "short": spec["short"], "claim": spec["claim"], "paper": spec["paper"],
-            "rule": spec["rule"].format(**named, **spec["thresholds"]),
-            "value": f.value, "ci_low": f.ci_low, "ci_high": f.ci_high, "unit": f.unit,
-            "verdict": f.verdict, "facts": {**named, **spec["thresholds"], **f.facts}, "text": text,
-        })
-    return pd.DataFrame(rows)
+    named = rule_values(study.config.paths) | {"logit_diff": _logits(float(study.baseline().logit_diff.mean()))}
+    return pd.DataFrame([claim_row(spec, found[spec["id"]], named) for spec in specs])
+
+
+def claim_row(spec: dict, f: Finding, named: dict) -> dict:
+    """One claim's row: its rule with the thresholds filled in, the finding, and the sentence its
+    verdict (and case) picked, from the claim's own texts, else the shared ones."""
+    key = f"{f.verdict}: {f.case}" if f.case else f.verdict
+    text = spec["text"].get(key) or shared_texts().get(key) or spec["text"][f.verdict]
+    return {
+        "claim_id": spec["id"], "short": spec["short"], "claim": spec["claim"], "paper": spec["paper"],
+        "rule": spec["rule"].format(**named, **spec["thresholds"]),
+        "value": f.value, "ci_low": f.ci_low, "ci_high": f.ci_high, "unit": f.unit,
+        "verdict": f.verdict, "facts": {**named, **spec["thresholds"], "short": spec["short"], **f.facts},
+        "text": text,
+    }
