@@ -498,6 +498,18 @@ def test_claims_on_a_tiny_study_fill_every_sentence(tiny_study):
         C.claims(tiny_study, only=["behavior"])
 
 
+def test_size_claims_do_not_find_the_whole_circuit(tiny_study, monkeypatch):
+    """The size follow-up's claims need the name movers (the discovery's first step), never the
+    whole circuit, whose later path-patching steps cost most of a large model's time."""
+    from ioi import followups
+
+    def refuse():
+        raise AssertionError("the whole circuit was computed")
+
+    monkeypatch.setattr(tiny_study, "circuit", refuse)
+    assert list(C.claims(tiny_study, only=followups.SIZE_CLAIMS).claim_id) == list(followups.SIZE_CLAIMS)
+
+
 def test_claims_cli_prints_one_json_row_per_claim(tiny_study_model, capsys):
     from ioi.cli import main
 

@@ -433,7 +433,8 @@ def findings(study, specs: list[dict] | None = None) -> dict[str, Finding]:
     rules, paths = classes.load_rules(), study.config.paths
     logit_diff = float(study.baseline().logit_diff.mean())
     has = lambda cls: bool(study.members(cls))  # noqa: E731
-    circuit_size = len(study.circuit().heads)
+    # The whole circuit only for the claims about it: the size follow-up asks for none of them
+    circuit_size = lambda: len(study.circuit().heads)  # noqa: E731
     gather = {
         "behaviour": lambda t: behaviour(study.baseline_summary(), **t),
         "direct_writers": lambda t: direct_writers(study.per_prompt_head_dla(), n_layers, **t),
@@ -447,9 +448,9 @@ def findings(study, specs: list[dict] | None = None) -> dict[str, Finding]:
             study.path_patching_to_induction() if has("induction") else None, scores, rules, paths.keys_share),
         "backup": lambda t: backup(*backup_tables(study), scores, rules, logit_diff, seed=seed, **t),
         "residual_flow": lambda t: residual_flow(study.residual_patching(), n_layers, **t),
-        "faithfulness": lambda t: faithfulness(circuit_size, study.faithfulness() if circuit_size else {}, **t),
-        "completeness": lambda t: completeness(study.completeness() if circuit_size else None, **t),
-        "minimality": lambda t: minimality(study.minimality() if circuit_size else None, **t),
+        "faithfulness": lambda t: faithfulness(circuit_size(), study.faithfulness() if circuit_size() else {}, **t),
+        "completeness": lambda t: completeness(study.completeness() if circuit_size() else None, **t),
+        "minimality": lambda t: minimality(study.minimality() if circuit_size() else None, **t),
         "small_circuit": lambda t: small_circuit(study.smallest_circuit(), n_layers * n_heads, **t),
         "adversarial": lambda t: adversarial(study.extra_io(), seed=seed, **t),
         "position_token": lambda t: position_token(study.position_token(), logit_diff, seed=seed, **t),
