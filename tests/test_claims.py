@@ -11,6 +11,7 @@ import pytest
 
 from ioi import claims as C
 from ioi.circuits import classes
+from ioi.circuits.paths_discovery import PathsConfig
 from ioi.models import gpt2_tokenizer_directory
 from ioi.report import scorecard
 from ioi.study import Study, StudyConfig
@@ -43,8 +44,11 @@ RULES = classes.load_rules()
 
 
 def test_committed_thresholds_are_the_tested_ones():
+    """The claims' thresholds, the class definitions and the discovery's path shares (which three
+    rules and the circuit's classes use) are the ones these tests expect."""
     assert TH == PINNED
     assert RULES == PINNED_CLASSES
+    assert StudyConfig().paths == PathsConfig(logits_share=0.05, queries_share=0.05, values_share=0.02, keys_share=0.02)
 
 
 # --- Hand-made tables ------------------------------------------------------------------------------
