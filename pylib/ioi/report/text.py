@@ -44,7 +44,10 @@ def pct(x, digits: int = 0) -> Md:
     return Md(text.replace("-", "−") + "%")
 
 
-def ci(low, high, digits: int = 2) -> Md:
+def ci(low, high, digits: int = 2, percent: bool = False) -> Md:
+    """'[3.40, 3.71]', or with `percent` '[66%, 77%]'."""
+    if percent:
+        return Md(f"[{pct(low)}, {pct(high)}]")
     return Md(f"[{fmt(low, digits)}, {fmt(high, digits)}]")
 
 
@@ -224,7 +227,7 @@ def listing(items, empty: str = "none"):
     return Md(", ".join(items[:-1]) + " and " + items[-1])
 
 
-MEASURE_NAMES = {"logit_diff": "the logit difference", "behaviour": "the share of prompts IO wins", "direct_writers": "the top heads' share of the direct effect",
+MEASURE_NAMES = {"logit_diff": "the logit difference", "behaviour": "the share of prompts IO wins", "direct_writers": "the top heads' direct-effect share",
                  "name_movers": "the top writers that are name movers", "negative_name_movers": "the strongest negative writer",
                  "backup": "the repair by other heads", "small_circuit": "the smallest faithful circuit"}
 
