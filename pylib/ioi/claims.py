@@ -375,30 +375,28 @@ def small_circuit(table: pd.DataFrame | None, n_heads: int, max_share: float, pa
 # --- Consequences: adversarial prompts and the MLPs (Fig. 8, App. J) -------------------------
 
 
-def adversarial(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> Finding:
-    """`Study.extra_io`: the fall of the mean logit difference with two more mentions of IO."""
+def _logit_diff_fall(frame: pd.DataFrame | None, after: str, min_fall: float, seed: int, **facts) -> Finding:
+    """The fall of the mean logit difference from `frame.logit_diff` to `frame[after]`, prompt by
+    prompt, judged on its lower 95% limit; not judged where the model does not prefer IO."""
     if frame is None or not len(frame):
         return NOT_MEASURED
     if frame.logit_diff.mean() <= 0:
         return NO_PREFERENCE
-    value, low, high = _fall(frame.logit_diff_extra_io, frame.logit_diff, seed)
+    value, low, high = _fall(frame[after], frame.logit_diff, seed)
     return Finding(_beyond(low, min_fall), value, low, high, facts={
-        "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.logit_diff_extra_io.mean()),
-        "s_wins": float(1 - frame.io_beats_s_extra_io.mean()),
-    })
+        "before": _logits(frame.logit_diff.mean()), "after": _logits(frame[after].mean()), **facts})
+
+
+def adversarial(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> Finding:
+    """`Study.extra_io`: the fall of the mean logit difference with two more mentions of IO."""
+    s_wins = float(1 - frame.io_beats_s_extra_io.mean()) if frame is not None and len(frame) else float("nan")
+    return _logit_diff_fall(frame, "logit_diff_extra_io", min_fall, seed, s_wins=s_wins)
 
 
 def mlp_knockout(frame: pd.DataFrame | None, min_fall: float, seed: int = 0) -> Finding:
     """`Study.mlp_knockout`: the fall of the mean logit difference with every MLP after the
     first mean-ablated."""
-    if frame is None or not len(frame):
-        return NOT_MEASURED
-    if frame.logit_diff.mean() <= 0:
-        return NO_PREFERENCE
-    value, low, high = _fall(frame.knocked_out, frame.logit_diff, seed)
-    return Finding(_beyond(low, min_fall), value, low, high, facts={
-        "before": _logits(frame.logit_diff.mean()), "after": _logits(frame.knocked_out.mean()),
-    })
+    return _logit_diff_fall(frame, "knocked_out", min_fall, seed)
 
 
 # --- From a Study to the claims table -------------------------------------------------------------
