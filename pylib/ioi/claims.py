@@ -244,7 +244,8 @@ def position_token(
     """logit difference ~ a * position + b * token, per prompt (`Study.position_token`):
     reproduced if a - b is above 0, a >= `min_position` and b >= `min_token` of the logit
     difference (lower 95% limits: the paper's position signal larger than its token signal, each
-    at half the paper's size); partly if a or b is above 0."""
+    at half the paper's size); partly if a or b is above 0 (with its own sentence where both are
+    strong but position does not clearly outweigh token)."""
     if frame is None:
         return NOT_MEASURED
     if logit_diff <= 0:
