@@ -10,7 +10,7 @@ from transformers import (
     OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from ioi import models
+from ioi import models, weights
 from ioi.engines import auto, check, fast, hooks
 from ioi.metrics import logit_diff
 
@@ -30,7 +30,7 @@ def _load(tmp_path_factory, name, build):
     """The model saved with GPT-2's tokenizer as a local directory, loaded by its path."""
     directory = tmp_path_factory.mktemp(name)
     _seeded(build).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory()).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(weights.gpt2_tokenizer_directory()).save_pretrained(directory)
     return models.load_model(str(directory))
 
 
@@ -129,7 +129,7 @@ def test_gemma3_copy_logits_are_its_modules(tiny_gemma3):
     """A head's copy-score logits on Gemma 3 are what its own Hugging Face modules give for the
     head's write alone: input norm, values, the head's slice of o_proj, post-attention norm,
     final norm, unembedding."""
-    from ioi.analyses.head_scores import _gemma3_copy_logits
+    from ioi.analyses.head_scores import _gemma3_copy_inputs
 
     x = torch.randn(5, tiny_gemma3.cfg.d_model)
     hf = tiny_gemma3.original_model
@@ -139,5 +139,6 @@ def test_gemma3_copy_logits_are_its_modules(tiny_gemma3):
         v = block.self_attn.v_proj(block.input_layernorm(x))  # one key/value head
         o = block.self_attn.o_proj.weight[:, head * d_head:(head + 1) * d_head]
         expected = hf.lm_head(hf.model.norm(block.post_attention_layernorm(v @ o.T)))
-    got = _gemma3_copy_logits(tiny_gemma3, x)(layer, head)
+    unembedded, W_U, b_U = _gemma3_copy_inputs(tiny_gemma3, x)
+    got = unembedded(layer, head) @ W_U + b_U
     torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=0)

@@ -1,5 +1,7 @@
 """Head scores: attention scores read the right entries, copy scores are shares."""
 
+import pandas as pd
+import pytest
 import torch
 from conftest import make_pair
 
@@ -26,6 +28,28 @@ def test_copy_scores_are_shares(tiny_model):
     table = head_scores.copy_scores(tiny_model, clean)
     assert table.copy_score.between(0, 1).all() and table.negative_copy_score.between(0, 1).all()
     assert ((table.copy_score + table.negative_copy_score) <= 1).all()
+    # a stride past the vocabulary screens one column, so every row is whole: the readable way
+    pd.testing.assert_frame_equal(table, head_scores.copy_scores(tiny_model, clean, screen_stride=10**9))
+
+
+@pytest.mark.parametrize("stride", [1, 16, 1000])
+def test_screened_copy_hits_are_the_whole_rows_top_5(stride):
+    """`copy_hits` screens a stride of the vocabulary before computing whole rows: its answers
+    are those of the top 5 of every whole row, whichever rows the screen settles (all of them
+    with stride 1, few with 1000), with targets at every rank, the top ones included."""
+    torch.manual_seed(0)
+    d, vocab, n = 16, 5000, 300
+    W_U, b_U = torch.randn(d, vocab), torch.randn(vocab)
+    unembedded = torch.randn(n, d)
+    logits = unembedded @ W_U + b_U
+    order = logits.argsort(-1, descending=True)
+    ranks = torch.arange(n) % 40  # ranks 0..39 from the top, then the same from the bottom
+    targets = torch.where(torch.arange(n) < n // 2, order[torch.arange(n), ranks], order[torch.arange(n), -1 - ranks])
+    copied, anti = head_scores.copy_hits(unembedded, W_U, b_U, targets, stride)
+    expected = (logits.topk(5).indices == targets[:, None]).any(-1)
+    expected_anti = ((-logits).topk(5).indices == targets[:, None]).any(-1)
+    assert torch.equal(copied, expected) and torch.equal(anti, expected_anti)
+    assert 0 < int(expected.sum()) < n and 0 < int(expected_anti.sum()) < n
 
 
 def test_random_token_scores_read_the_named_entries(tiny_model):
