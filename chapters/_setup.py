@@ -20,10 +20,10 @@ tqdm.auto.tqdm = tqdm.std.tqdm  # before any library imports it
 import altair as alt
 import pandas as pd
 
-from ioi import claims, followups
+from ioi import followups
 from ioi.circuits import classes
 from ioi.circuits.criteria import load_circuit
-from ioi.claims import claims as structural_claims
+from ioi.claims_table import claims as structural_claims
 from ioi.report import figures, scorecard, tables, text
 from ioi.report.figures import show
 from ioi.report.text import Md, ci, fmt, heads, pct

@@ -9,7 +9,8 @@ from transformers import (
 )
 
 from ioi.dataset import corrupt, make_dataset
-from ioi.models import _smollm2_directory, from_hf_model, gpt2_tokenizer_directory
+from ioi.models import from_hf_model
+from ioi.weights import _smollm2_directory, gpt2_tokenizer_directory
 
 
 def _seeded(build, seed=0):
@@ -89,6 +90,19 @@ def tiny_gemma3():
 def tiny_model(request):
     """Each tiny model in turn: tests that take it run on every architecture."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 3-layer, 4-head random GPT-2 with GPT-2's tokenizer, saved where `load_model` can
+    read it by path."""
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64))
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(gpt2_tokenizer_directory()).save_pretrained(directory)
+    return str(directory)
 
 
 @pytest.fixture(scope="session")

@@ -86,6 +86,7 @@ def test_default_and_explicit_arguments_share_one_result(tiny_gpt2):
     class Probe:
         config = StudyConfig(model="probe")
         model = tiny_gpt2
+        model_fingerprint = cache.model_fingerprint(tiny_gpt2)
         clean, corrupted = make_pair(tiny_gpt2, n=4)
         timings = {}
 
@@ -104,5 +105,39 @@ def test_code_fingerprint_covers_compute_code_and_data_not_presentation():
     """Every engine, analysis and data file keys the cache; charts, prose and the CLI do not."""
     names = {str(f.relative_to(cache.PACKAGE_DIR)) for f in cache.compute_files() if f.suffix == ".py"}
     assert {"study.py", "followups.py", "engines/fast/model.py", "circuits/criteria.py", "dataset.py"} <= names
-    assert not any(n.startswith("report/") or n in ("cli.py", "bench.py", "reproduce.py", "claims.py") for n in names)
+    assert not any(n.startswith("report/") or n in ("cli.py", "bench.py", "reproduce.py", "claims.py", "claims_table.py") for n in names)
     assert any(f.suffix == ".json" for f in cache.compute_files())
+
+
+def test_a_cached_study_is_read_without_its_model(tiny_dir):
+    """A study whose results are cached (its datasets and shape included, under the digest of
+    the model's files) builds and reads them without loading the model."""
+    from ioi import models
+    from ioi.study import Study, StudyConfig
+
+    config = StudyConfig(model=tiny_dir, n=8)
+    first = Study(config)
+    baseline = first.baseline()
+    models.release()
+    second = Study(config)
+    assert second.baseline().equals(baseline) and second.shape == first.shape
+    assert not models.is_loaded(tiny_dir)
+    assert second.model.cfg.n_layers == second.shape["n_layers"]  # loaded when asked for
+
+
+def test_changed_files_change_the_model_fingerprint(tiny_dir, tmp_path):
+    """Other weights on disk give the model another fingerprint, and so every result another key."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ioi import weights
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_dir, changed)
+    assert weights.fingerprint(str(changed)).split(":")[1] == weights.fingerprint(tiny_dir).split(":")[1]
+    tensors = load_file(changed / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    assert weights.fingerprint(str(changed)).split(":")[1] != weights.fingerprint(tiny_dir).split(":")[1]

@@ -114,7 +114,7 @@ def _tiny_gpt2(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from ioi.models import gpt2_tokenizer_directory
+    from ioi.weights import gpt2_tokenizer_directory
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

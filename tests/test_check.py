@@ -8,7 +8,7 @@ import torch
 from conftest import _seeded, make_pair
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCausalLM
 
-from ioi import models
+from ioi import models, weights
 from ioi.circuits import criteria as C
 from ioi.engines import auto, check, fast, hooks, hooks_paths
 from ioi.metrics import logit_diff_from_end, run_end_logits
@@ -22,7 +22,7 @@ def tiny_gpt_neo():
         num_layers=2, attention_types=[[["global", "local"], 1]], num_heads=4, hidden_size=64,
         max_position_embeddings=64, window_size=4,
     )
-    bridge = models.from_hf_model(_seeded(lambda: GPTNeoForCausalLM(config)), models.gpt2_tokenizer_directory())
+    bridge = models.from_hf_model(_seeded(lambda: GPTNeoForCausalLM(config)), weights.gpt2_tokenizer_directory())
     bridge.ioi_name = "tiny-gpt-neo"
     return bridge
 
@@ -82,7 +82,7 @@ def test_unsupported_model_criteria_run_on_hooks(tiny_gpt_neo):
 def test_a_fast_model_that_disagrees_is_caught():
     """Features alone do not decide: a fast model whose numbers are off fails the check."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
-    bridge = models.from_hf_model(_seeded(lambda: GPT2LMHeadModel(config), seed=3), models.gpt2_tokenizer_directory())
+    bridge = models.from_hf_model(_seeded(lambda: GPT2LMHeadModel(config), seed=3), weights.gpt2_tokenizer_directory())
     good = fast.as_fast(bridge)
     layer = dataclasses.replace(good.layers[1], b_O=good.layers[1].b_O + 0.05 * torch.randn_like(good.layers[1].b_O))
     bridge._ioi_fast_model = dataclasses.replace(good, layers=(good.layers[0], layer))
@@ -109,7 +109,7 @@ def test_load_time_check_catches_wrong_weight_processing(monkeypatch):
 
     monkeypatch.setattr(models.TransformerBridge, "enable_compatibility_mode", mis_processing)
     with pytest.warns(models.ProcessingMismatchWarning, match="no_processing=True"):
-        bridge = models.from_hf_model(hf, models.gpt2_tokenizer_directory())
+        bridge = models.from_hf_model(hf, weights.gpt2_tokenizer_directory())
     with torch.no_grad():
         got = bridge(tokens)
     centred = lambda x: x - x.mean(-1, keepdim=True)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from ioi import claims as C
+from ioi import claims_table as T
 from ioi.circuits import classes
 from ioi.circuits.paths_discovery import PathsConfig
-from ioi.models import gpt2_tokenizer_directory
+from ioi.weights import gpt2_tokenizer_directory
 from ioi.report import scorecard
 from ioi.study import Study, StudyConfig
 
@@ -39,7 +40,7 @@ PINNED = {
 }
 PINNED_CLASSES = classes.ClassRules(attention_margin=0.1, copy_score=0.575, random_token_score=0.3,
                                     random_length=25, random_n=50)
-TH = {c["id"]: c["thresholds"] for c in C.load_claims()}
+TH = {c["id"]: c["thresholds"] for c in T.load_claims()}
 RULES = classes.load_rules()
 
 
@@ -438,12 +439,12 @@ def test_every_sentence_of_every_claim_formats_from_its_predicates_facts():
     """Each claim's every text (each verdict and each case, and the shared ones it can pick) is
     reached by a hand-made finding, and formats from the facts its predicate gives, with no brace
     left, no nan and no leaked None."""
-    named = C.rule_values(StudyConfig().paths) | {"logit_diff": "−1.00"}
-    shared = set(C.shared_texts())
-    for spec in C.load_claims():
+    named = T.rule_values(StudyConfig().paths) | {"logit_diff": "−1.00"}
+    shared = set(T.shared_texts())
+    for spec in T.load_claims():
         reached = set()
         for finding in hand_made_findings()[spec["id"]]:
-            row = C.claim_row(spec, finding, named)
+            row = T.claim_row(spec, finding, named)
             key = f"{finding.verdict}: {finding.case}" if finding.case else finding.verdict
             assert key in spec["text"] or key in shared, (spec["id"], key)
             reached.add(key)
@@ -458,9 +459,9 @@ def test_every_sentence_of_every_claim_formats_from_its_predicates_facts():
 def test_every_claim_has_a_predicate_a_rule_and_a_sentence_per_verdict():
     """The rules file and the predicates agree; each rule formats from its thresholds and the
     class definitions; no sentence can read as a leaked Python None."""
-    specs = C.load_claims()
+    specs = T.load_claims()
     assert len({c["id"] for c in specs}) == len(specs) == len(PINNED)
-    named = C.rule_values(StudyConfig().paths)
+    named = T.rule_values(StudyConfig().paths)
     for spec in specs:
         assert set(C.VERDICTS) <= set(spec["text"]), spec["id"]
         assert {t.split(": ")[0] for t in spec["text"]} <= set(C.VERDICTS), spec["id"]
@@ -490,16 +491,16 @@ def tiny_study(tiny_study_model):
 
 def test_claims_on_a_tiny_study_fill_every_sentence(tiny_study):
     """Every claim gets a verdict on a real (tiny) study, and every sentence formats cleanly."""
-    frame = C.claims(tiny_study)
-    assert list(frame.claim_id) == [c["id"] for c in C.load_claims()]
+    frame = T.claims(tiny_study)
+    assert list(frame.claim_id) == [c["id"] for c in T.load_claims()]
     for claim_id, sentence in scorecard.claim_sentences(frame).items():
         assert "{" not in sentence and "nan" not in sentence.lower() and "np." not in sentence, (claim_id, sentence)
     table = scorecard.claims_table({"tiny": frame})._repr_markdown_()
     assert table.count("\n") == len(frame) + 1
-    only = C.claims(tiny_study, only=["behaviour", "backup"])
+    only = T.claims(tiny_study, only=["behaviour", "backup"])
     assert list(only.claim_id) == ["behaviour", "backup"]
     with pytest.raises(ValueError, match="No such claims"):
-        C.claims(tiny_study, only=["behavior"])
+        T.claims(tiny_study, only=["behavior"])
 
 
 def test_size_claims_do_not_find_the_whole_circuit(tiny_study, monkeypatch):
@@ -511,7 +512,7 @@ def test_size_claims_do_not_find_the_whole_circuit(tiny_study, monkeypatch):
         raise AssertionError("the whole circuit was computed")
 
     monkeypatch.setattr(tiny_study, "circuit", refuse)
-    assert list(C.claims(tiny_study, only=followups.SIZE_CLAIMS).claim_id) == list(followups.SIZE_CLAIMS)
+    assert list(T.claims(tiny_study, only=followups.SIZE_CLAIMS).claim_id) == list(followups.SIZE_CLAIMS)
 
 
 def test_claims_cli_prints_one_json_row_per_claim(tiny_study_model, capsys):
@@ -519,5 +520,5 @@ def test_claims_cli_prints_one_json_row_per_claim(tiny_study_model, capsys):
 
     assert main(["claims", "--model", tiny_study_model, "--n", "8", "--n-path", "4", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["claim_id"] for r in rows] == [c["id"] for c in C.load_claims()]
+    assert [r["claim_id"] for r in rows] == [c["id"] for c in T.load_claims()]
     assert all(r["verdict"] in C.VERDICTS and r["sentence"] for r in rows)

@@ -10,7 +10,8 @@ from conftest import make_pair
 from ioi.engines import fast
 from ioi.bench import bench_patching
 from ioi.metrics import logit_diff
-from ioi.models import from_hf_model, gpt2_tokenizer_directory
+from ioi.models import from_hf_model
+from ioi.weights import gpt2_tokenizer_directory
 
 TOL = 1e-4
 

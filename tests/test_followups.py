@@ -2,7 +2,7 @@
 the template sweep covers every template and agrees with `ioi.circuits.criteria`; the CLI's JSON rows.
 
 The sweeps take model names, so the tiny random GPT-2 is saved as a local Hugging Face
-directory (a name `load_model` accepts); the hub models are made unreachable with
+directory (`tiny_dir`, a name `load_model` accepts); the hub models are made unreachable with
 HF_HUB_OFFLINE=1, which makes `load_model` refuse them at once."""
 
 import json
@@ -10,31 +10,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from ioi.circuits import criteria
 from ioi import claims, followups
 from ioi.report import text
 from ioi.cli import main
 from ioi.dataset import load_distribution
-from ioi.models import gpt2_tokenizer_directory
 from ioi.study import Study, StudyConfig
 
 N_TEMPLATES = 2 * len(load_distribution().baba_templates)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 3-layer, 4-head random GPT-2 with GPT-2's tokenizer, saved where `load_model` can
-    read it by path."""
-    directory = tmp_path_factory.mktemp("tiny-gpt2")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=64, n_positions=64))
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(gpt2_tokenizer_directory()).save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from transformers import (
     AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
 )
 
-from ioi import models
+from ioi import models, weights
 
 
 def test_unknown_model_lists_the_known_ones():
@@ -41,7 +41,7 @@ def test_local_directory_loads(tmp_path):
     model computes."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory()).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(weights.gpt2_tokenizer_directory()).save_pretrained(tmp_path)
     from_disk = models.load_model(str(tmp_path))
     in_memory = models.from_hf_model(GPT2LMHeadModel.from_pretrained(tmp_path), tmp_path)
     tokens = from_disk.to_tokens("When Mary and John went to the store, John gave a drink to")
@@ -59,7 +59,7 @@ def test_a_tokenizer_that_prepends_bos_makes_it_the_default(tmp_path):
     """A model saved with a tokenizer that starts every sequence with BOS (as Gemma's does)."""
     config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
-    tokenizer = AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory(), add_bos_token=True)
+    tokenizer = AutoTokenizer.from_pretrained(weights.gpt2_tokenizer_directory(), add_bos_token=True)
     if tokenizer("Mary")["input_ids"][0] != tokenizer.bos_token_id:
         pytest.skip("this tokenizer class ignores add_bos_token")
     tokenizer.save_pretrained(tmp_path)
@@ -85,7 +85,7 @@ def test_weight_processing_without_copies_is_the_same(build, tmp_path):
 
     torch.manual_seed(0)
     build().save_pretrained(tmp_path)
-    AutoTokenizer.from_pretrained(models.gpt2_tokenizer_directory()).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(weights.gpt2_tokenizer_directory()).save_pretrained(tmp_path)
     steps = {name: ProcessWeights.__dict__[name] for name in models.COPYING_STEPS}
 
     def processed(lean):

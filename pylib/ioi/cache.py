@@ -6,7 +6,7 @@ files, and the versions of torch, transformers and TransformerLens). A stale res
 has a different key and is never served. Entries are written to a temporary file and renamed,
 so a crash leaves no half-written entry; an entry that cannot be read is recomputed.
 Results live in `$IOI_RESULTS_DIR`, else in `results/` under the cache root (see
-`ioi.models.cache_root`). Set IOI_NO_CACHE=1 to bypass the cache.
+`ioi.weights.cache_root`). Set IOI_NO_CACHE=1 to bypass the cache.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import joblib
 import torch
 
 from ioi.dataset import DATA_DIR, IOIDataset
-from ioi.models import cache_root
+from ioi.weights import cache_root
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _model_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -60,7 +60,7 @@ def dataset_fingerprint(dataset: IOIDataset) -> str:
 # Code that only presents results (charts, prose, the command line) or judges them (the claims'
 # rules, applied afresh to cached results and never cached) cannot change a cached result, so
 # editing it does not invalidate the cache; everything else does.
-PRESENTATION = ("report", "cli.py", "bench.py", "reproduce.py", "__main__.py", "claims.py")
+PRESENTATION = ("report", "cli.py", "bench.py", "reproduce.py", "__main__.py", "claims.py", "claims_table.py")
 
 
 def compute_files() -> list[Path]:
@@ -83,14 +83,15 @@ def result_key(analysis: str, params: dict, model=None, datasets=()) -> str:
     return _hash(
         analysis,
         json.dumps(params, sort_keys=True, default=str),
-        model_fingerprint(model) if model is not None else "",
+        model if isinstance(model, str) else model_fingerprint(model) if model is not None else "",
         *map(dataset_fingerprint, datasets),
         code_fingerprint(),
     )
 
 
 def cached(analysis: str, compute, params: dict, model=None, datasets=()):
-    """`compute()`'s result, from the cache when an entry for exactly these inputs exists."""
+    """`compute()`'s result, from the cache when an entry for exactly these inputs exists.
+    `model`: a model, or its fingerprint (`model_fingerprint`, `ioi.weights.fingerprint`)."""
     if os.environ.get("IOI_NO_CACHE") == "1":
         return compute()
     root = Path(os.environ.get("IOI_RESULTS_DIR", cache_root() / "results"))

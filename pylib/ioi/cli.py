@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ioi import bench, followups
-from ioi.models import ModelUnavailableError
+from ioi.weights import ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
 
@@ -93,10 +93,10 @@ def cmd_path(args) -> None:
 
 def cmd_claims(args) -> None:
     """One row per structural claim, with its verdict and the sentence the verdict picked."""
-    from ioi import claims
+    from ioi import claims_table
     from ioi.report import scorecard
 
-    frame = claims.claims(study_from(args))
+    frame = claims_table.claims(study_from(args))
     sentences = [str(s) for s in scorecard.claim_sentences(frame).values()]
     emit(frame.drop(columns=["text"]).assign(sentence=sentences), args.json)
 

@@ -22,7 +22,6 @@ Every expensive step goes through `Study`, so reruns are served from the results
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,11 +31,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ioi import claims
+from ioi import claims_table
 from ioi.circuits import criteria
 from ioi.dataset import load_distribution
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
-from ioi.models import KNOWN_MODELS, ModelUnavailableError, is_loaded, release
+from ioi.models import release
+from ioi.weights import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
 
@@ -74,12 +74,14 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
     of `SIZE_CLAIMS`, with its 95% CI where one exists and its verdict; a model that cannot be
     loaded is one row with status "skipped" and the reason. Everything but the model is fixed:
     the prompts (n, seed, the "mixed" templates, the model's BOS convention), the class
-    definitions and the claims' rules. One model is held in memory at a time."""
+    definitions and the claims' rules. One model is held in memory at a time: those loaded before
+    the sweep are released first (an analysis that needs one again loads it again), and each size
+    after its rows; a size whose results are all cached is never loaded (`ioi.study`)."""
     for name in models:
         _check_model_name(name)
     rows = []
     for name in tqdm(models, desc="size sweep"):
-        loaded_before = is_loaded(name)
+        release()  # before the next model: the largest take GBs
         start = time.perf_counter()
         facts = MODELS.get(name, ModelFacts(name, float("nan")))
         base = {"model": name, "family": facts.family, "n_params": facts.n_params}
@@ -91,10 +93,7 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
         measured = model_rows(study)
         seconds = round(time.perf_counter() - start, 2)
         rows += [{**base, **row, "seconds": seconds} for row in measured]
-        del study
-        if not loaded_before:  # a model the sweep loaded: free it before the next (the largest take GBs)
-            release(name)
-            gc.collect()
+    release()
     return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
 
@@ -116,13 +115,11 @@ def _check_model_name(name: str) -> None:
 def model_rows(study: Study) -> list[dict]:
     """The size follow-up's measures on one model: its logit difference, and each claim of
     `SIZE_CLAIMS` with its value, CI and verdict (`ioi.claims`)."""
-    cfg = study.model.cfg
-    shape = {"n_params": int(sum(p.numel() for p in study.model.parameters())), "n_layers": cfg.n_layers,
-             "n_heads": cfg.n_heads, "status": "ok", "reason": ""}
+    shape = {**study.shape, "status": "ok", "reason": ""}
     ld = study.baseline_summary().set_index("metric").loc["logit_diff"]
     rows = [{**shape, "measure": "logit_diff", "value": ld["mean"], "ci_low": ld.ci_low, "ci_high": ld.ci_high,
              "unit": "logit", "verdict": ""}]
-    found = claims.claims(study, only=SIZE_CLAIMS)
+    found = claims_table.claims(study, only=SIZE_CLAIMS)
     for r in found.itertuples(index=False):
         rows.append({**shape, "measure": r.claim_id, "value": r.value, "ci_low": r.ci_low, "ci_high": r.ci_high,
                      "unit": r.unit, "verdict": r.verdict})
@@ -255,7 +252,7 @@ def _difference_row(abba: pd.DataFrame, baba: pd.DataFrame, seed: int) -> dict:
 def circuit_classes(study: Study) -> pd.DataFrame:
     """The study's circuit's heads by class, with each head's relative depth."""
     frame = study.circuit().to_frame()
-    return frame.assign(relative_depth=relative_depth(frame.layer, study.model.cfg.n_layers))
+    return frame.assign(relative_depth=relative_depth(frame.layer, study.shape["n_layers"]))
 
 
 def class_comparison(found: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -280,7 +277,7 @@ def top_heads_by_score(study: Study, k: int = 3) -> pd.DataFrame:
     for score in ("duplicate_token_random", "previous_token_random", "induction_random", "end_to_s", "end_to_io"):
         for _, r in scores.nlargest(k, score).iterrows():
             rows.append({"score": score, "layer": int(r.layer), "head": int(r["head"]), "value": float(r[score]),
-                         "relative_depth": float(relative_depth(r.layer, study.model.cfg.n_layers))})
+                         "relative_depth": float(relative_depth(r.layer, study.shape["n_layers"]))})
     return pd.DataFrame(rows)
 
 
@@ -292,7 +289,7 @@ def second_study(model: str, main: Study, n: int, n_path: int) -> tuple[Study | 
     main study's model, and a model that is unknown or cannot be loaded here, or that the fast
     engines do not compute exactly (the hook references would take hours), is reported, not
     raised, so the report can say so in a sentence."""
-    from ioi.engines.check import UnsupportedModelError, check_supported
+    from ioi.engines.check import unsupported_error
 
     if not model or model == main.config.model:
         return None, None
@@ -300,8 +297,5 @@ def second_study(model: str, main: Study, n: int, n_path: int) -> tuple[Study | 
         study = Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path)))
     except (ModelUnavailableError, ValueError) as error:
         return None, error
-    try:
-        check_supported(study.model)
-    except UnsupportedModelError as error:
-        return None, error
-    return study, None
+    error = unsupported_error(study.unsupported_features, model)
+    return (None, error) if error is not None else (study, None)

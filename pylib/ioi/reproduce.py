@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ioi import claims
+from ioi import claims_table
 from ioi.report import figures
 from ioi.study import Study
 
@@ -49,7 +49,7 @@ TABLES = {
     "position_token": lambda s: s.position_token(),
     "extra_io": lambda s: s.extra_io(),
     "mlp_knockout": lambda s: s.mlp_knockout(),
-    "claims": lambda s: claims.claims(s).drop(columns=["text"]),
+    "claims": lambda s: claims_table.claims(s).drop(columns=["text"]),
 }
 
 

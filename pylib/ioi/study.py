@@ -8,6 +8,10 @@ same numbers and share one results cache: a chapter that asks for `study.head_pa
     study.baseline_summary()       # logit difference, IO probability, IO > S, with 95% CIs
     study.head_attributions()      # direct logit attribution per head
     study.circuit()                # the paper's circuit on GPT-2 small, else one found the paper's way
+
+The model is loaded only when an analysis has to compute: a study whose results are all cached
+reads them without it (its datasets and shape are cached too, under a digest of the model's
+files, `ioi.weights.fingerprint`), so a warm report renders without holding any model.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import pandas as pd
 
 from ioi import metrics
 from ioi.analyses import adversarial, head_scores, logit_attribution
-from ioi.cache import cached
+from ioi.cache import cached, model_fingerprint
 from ioi.circuits import classes, criteria, curve, discovery, knockouts, paths_discovery, s_inhibition
 from ioi.circuits.curve import CurveConfig
 from ioi.circuits.paths_discovery import PathsConfig
 from ioi.dataset import corrupt, make_dataset
 from ioi.engines import attribution, auto, check
 from ioi.models import load_model, trained_with_bos
+from ioi.weights import fingerprint
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
         start = time.perf_counter()
         result = cached(
             method.__name__, lambda: method(self, *args, **kwargs), params,
-            self.model, (self.clean, self.corrupted),
+            self.model_fingerprint, (self.clean, self.corrupted),
         )
         # summed, so a later cache hit does not hide what the first call cost
         elapsed = time.perf_counter() - start
@@ -85,15 +90,18 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
 
 class Study:
     def __init__(self, config: StudyConfig = StudyConfig()):
-        self.model = load_model(config.model, config.device)
-        if config.prepend_bos is None:
-            config = dataclasses.replace(config, prepend_bos=trained_with_bos(self.model))
-        self.config = config
-        self.clean = make_dataset(
-            self.model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos
-        )
-        self.corrupted = corrupt(self.clean, self.model.tokenizer, "abc")
+        inputs = _inputs(config)
+        self.config: StudyConfig = inputs["config"]  # prepend_bos resolved
+        self.clean, self.corrupted = inputs["clean"], inputs["corrupted"]
+        self.shape: dict = inputs["shape"]  # n_layers, n_heads, n_params
+        self.model_fingerprint: str = inputs["model_fingerprint"]  # what the results are keyed on
+        self.unsupported_features: list[str] = inputs["unsupported_features"]  # by the fast engines
         self.timings: dict[str, float] = {}
+
+    @property
+    def model(self):
+        """The model, loaded on first use (`ioi.models.load_model` keeps it for the process)."""
+        return load_model(self.config.model, self.config.device)
 
     @property
     def path_data(self):
@@ -112,8 +120,8 @@ class Study:
             "n_templates": len(set(self.clean.template_id)),
             "names_dropped": len(self.clean.names_dropped),
             "names_dropped_list": list(self.clean.names_dropped),
-            "n_layers": self.model.cfg.n_layers,
-            "n_heads": self.model.cfg.n_heads,
+            "n_layers": self.shape["n_layers"],
+            "n_heads": self.shape["n_heads"],
         }
 
     # --- Baseline -----------------------------------------------------------------------------
@@ -385,7 +393,7 @@ class Study:
         )
 
     def faithfulness_curve_summary(self) -> pd.DataFrame:
-        n_heads = self.model.cfg.n_layers * self.model.cfg.n_heads
+        n_heads = self.shape["n_layers"] * self.shape["n_heads"]
         return curve.summarise(self.faithfulness_curve(), n_heads, self.config.curve.target)
 
     # --- The paper's further experiments (§3.2-3.4, Fig. 8, App. A and J) ----------------------
@@ -430,3 +438,34 @@ class Study:
     @_analysis
     def _position_token(self, senders: tuple, movers: tuple) -> pd.DataFrame:
         return s_inhibition.position_token(self.model, self.clean, self.model.tokenizer, list(senders), list(movers))
+
+
+def _inputs(config: StudyConfig) -> dict:
+    """What a study needs before any analysis: its config with the BOS convention resolved, the
+    clean and ABC datasets, the model's shape, and the model's fingerprint that keys every result:
+    the digest of the files it loads from (`ioi.weights.fingerprint`; the loaded model is a
+    function of them and of the code and library versions, which key every result too). Cached
+    under it, so that reading them never loads the model. A model without files (built in memory)
+    is loaded, and its weights digested instead."""
+    params = {"config": {f: getattr(config, f) for f in ("model", "n", "seed", "templates", "prepend_bos")}}
+    files = fingerprint(config.model)
+    compute = functools.partial(_inputs_from_model, config, files)
+    return compute() if files is None else cached("study_inputs", compute, params, files)
+
+
+def _inputs_from_model(config: StudyConfig, files: str | None) -> dict:
+    from ioi.engines.check import unsupported_features
+
+    model = load_model(config.model, config.device)
+    if config.prepend_bos is None:
+        config = dataclasses.replace(config, prepend_bos=trained_with_bos(model))
+    clean = make_dataset(model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos)
+    return {
+        "config": config,
+        "clean": clean,
+        "corrupted": corrupt(clean, model.tokenizer, "abc"),
+        "shape": {"n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
+                  "n_params": int(sum(p.numel() for p in model.parameters()))},
+        "model_fingerprint": files or model_fingerprint(model),
+        "unsupported_features": unsupported_features(model),
+    }

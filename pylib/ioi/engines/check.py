@@ -107,13 +107,19 @@ def _hf_features(model, hf) -> list[str]:
 
 def check_supported(model) -> None:
     """Raise `UnsupportedModelError` naming every feature the fast engine lacks."""
-    found = unsupported_features(model)
-    if found:
-        raise UnsupportedModelError(
-            f"The fast engines do not implement {', '.join(found)} "
-            f"(model {getattr(model, 'ioi_name', type(model).__name__)}); "
-            "use the hook-based engines in ioi.engines.hooks and ioi.engines.hooks_paths."
-        )
+    error = unsupported_error(unsupported_features(model), getattr(model, "ioi_name", type(model).__name__))
+    if error is not None:
+        raise error
+
+
+def unsupported_error(found: list[str], model_name: str) -> UnsupportedModelError | None:
+    """The error naming the features in `found` (from `unsupported_features`); None if none."""
+    if not found:
+        return None
+    return UnsupportedModelError(
+        f"The fast engines do not implement {', '.join(found)} (model {model_name}); "
+        "use the hook-based engines in ioi.engines.hooks and ioi.engines.hooks_paths."
+    )
 
 
 def verify(model, *datasets, tolerance: float = TOLERANCE) -> Verdict:

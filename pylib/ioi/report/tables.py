@@ -81,10 +81,10 @@ def graph_from_paths(paths: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def backup_risers(study, k: int = 8) -> pd.DataFrame:
     """The `k` heads whose direct effect rises most when the name movers are knocked out
-    (`ioi.claims.backup_tables`), as shares of the logit difference, with whether each passes
+    (`ioi.claims_table.backup_tables`), as shares of the logit difference, with whether each passes
     the name-mover check; an empty table when the circuit has no name movers."""
     from ioi.circuits import classes
-    from ioi.claims import backup_tables
+    from ioi.claims_table import backup_tables
 
     columns = ["head", "before", "after", "rise", "95% CI", "name mover?"]
     per_prompt, rises = backup_tables(study)

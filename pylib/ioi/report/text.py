@@ -384,7 +384,7 @@ def confounds(main: str, other: str) -> Md:
 
 
 def verdict_groups(findings: pd.DataFrame, ids) -> Md:
-    """How the claims `ids` (rows of `ioi.claims.claims`) came out, for prose: '2 of 5 as the
+    """How the claims `ids` (rows of `ioi.claims_table.claims`) came out, for prose: '2 of 5 as the
     paper reports (S-inhibition and the MLPs), 2 only partly (...) and 1 not at all (...)'."""
     rows = findings[findings.claim_id.isin(ids)]
     wording = {"reproduced": "as the paper reports", "partly": "only partly", "not reproduced": "not at all",
@@ -422,12 +422,12 @@ def family_phrases(ext_study=None, classes=None, scores=None, templates=None, mo
         return phrases
     diff = order_summary(templates)[2]
     ld = ext_study.baseline_summary().set_index("metric").loc["logit_diff"]
-    circuit, cfg = ext_study.circuit(), ext_study.model.cfg  # found the paper's way (`paths_discovery`)
+    circuit, shape = ext_study.circuit(), ext_study.shape  # found the paper's way (`paths_discovery`)
     phrases.update(
-        shape=Md(f"{count(cfg.n_layers, 'layer')} of {count(cfg.n_heads, 'head')}"),
+        shape=Md(f"{count(shape['n_layers'], 'layer')} of {count(shape['n_heads'], 'head')}"),
         logit_diff=ci_text(ld["mean"], ld.ci_low, ld.ci_high),
         circuit_size=count(len(circuit.heads), "head"),
-        circuit_share=pct(len(circuit.heads) / (cfg.n_layers * cfg.n_heads)),
+        circuit_share=pct(len(circuit.heads) / (shape['n_layers'] * shape['n_heads'])),
         found_classes=class_text(classes, model + " (paths)"),
         checks=check_text(ext_study.paper_circuit_table()),
         paper_classes=class_text(classes, "gpt2-small (Wang et al.)"),

@@ -4,6 +4,7 @@ patch changes carried from its layer to the logit difference at END."""
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +58,16 @@ def reuse_last(compute):
     one clean/corrupted pair: they share its cached runs instead of each paying for them (two
     forwards, seconds on a real model). One result is kept across every function so decorated,
     and dropped before the next is computed, so it never adds to the memory of the next such
-    computation (it is held until then: a cache of a study's size, not of a sweep's)."""
+    computation (it is held until then: a cache of a study's size, not of a sweep's). It refers to
+    its FastModel weakly and goes with it, so a released model's weights and runs are freed."""
 
     @functools.wraps(compute)
     def wrapper(fast: FastModel, *tensors: Tensor):
-        if not (_kept.get("compute") is compute and _kept["fast"] is fast and _equal(_kept["tensors"], tensors)):
+        if not (_kept.get("compute") is compute and _kept["fast"]() is fast and _equal(_kept["tensors"], tensors)):
             _kept.clear()
             value = compute(fast, *tensors)
-            _kept.update(compute=compute, fast=fast, tensors=tuple(t.clone() for t in tensors), value=value)
+            ref = weakref.ref(fast, lambda dead: _kept.clear() if _kept.get("fast") is dead else None)
+            _kept.update(compute=compute, fast=ref, tensors=tuple(t.clone() for t in tensors), value=value)
         return _kept["value"]
 
     return wrapper
