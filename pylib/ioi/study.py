@@ -32,7 +32,7 @@ from ioi.circuits.curve import CurveConfig
 from ioi.circuits.paths_discovery import PathsConfig
 from ioi.dataset import corrupt, make_dataset
 from ioi.engines import attribution, auto, check
-from ioi.models import load_model, trained_with_bos
+from ioi.models import load_model, return_free_memory, trained_with_bos
 from ioi.weights import fingerprint
 
 
@@ -77,7 +77,7 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
         params = {"config": config, "arguments": dict(list(bound.arguments.items())[1:])}
         start = time.perf_counter()
         result = cached(
-            method.__name__, lambda: method(self, *args, **kwargs), params,
+            method.__name__, lambda: _freeing(method(self, *args, **kwargs)), params,
             self.model_fingerprint, (self.clean, self.corrupted),
         )
         # summed, so a later cache hit does not hide what the first call cost
@@ -86,6 +86,13 @@ def _analysis(method=None, *, uses: tuple[str, ...] = ()):
         return result
 
     return wrapper
+
+
+def _freeing(result):
+    """`result`, once what computing it freed is handed back (`return_free_memory`): so that the
+    next analysis's peak does not stack on this one's high-water mark."""
+    return_free_memory()
+    return result
 
 
 class Study:
