@@ -49,30 +49,24 @@ class Attribution:
         return self.head_pos.sum(1)
 
 
-ACTIVATIONS = ("resid_pre", "q", "k", "v", "z", "attn_out", "mlp_out")
-
-
 def _forward(fast: fastlib.FastModel, tokens: Tensor, keep_grad: bool):
-    """The forward, returning every layer's activations by name (with .grad kept if asked) and
-    the final residual stream."""
+    """The forward (`fastlib.block`), returning every layer's activations by name (with .grad
+    kept if asked: a gradient tap) and the final residual stream."""
     pos = torch.arange(tokens.shape[1]).expand(tokens.shape)
+    prompt = torch.arange(tokens.shape[0])
     resid = fastlib.embed(fast, tokens)
     if keep_grad:
         resid.requires_grad_(True)  # the weights are frozen: grads flow from here on
-    acts = {name: [] for name in ACTIVATIONS}
-    for layer in fast.layers:
-        x = fastlib.attn_input(fast, layer, resid)
-        q = fastlib.queries(fast, layer, x, pos)
-        k, v = fastlib.keys_values(fast, layer, x, pos)
-        z = fastlib.attend(fastlib.attention_pattern(fast, layer, q, k, pos), v)
-        attn_out = fastlib.head_out(fast, layer, z)
-        mid = resid + attn_out
-        mlp_out = fastlib.mlp(fast, layer, fastlib.mlp_input(fast, layer, resid, mid))
-        for name, value in zip(ACTIVATIONS, (resid, q, k, v, z, attn_out, mlp_out)):
-            if keep_grad:
-                value.retain_grad()
-            acts[name].append(value)
-        resid = mid + mlp_out
+    acts = {name: [] for name in fastlib.EDITABLE}
+
+    def tap(name, layer, value, prompt, pos):
+        if keep_grad:
+            value.retain_grad()
+        acts[name].append(value)
+        return value
+
+    for i in range(fast.n_layers):
+        resid = fastlib.block(fast, i, resid, prompt, pos, edit=tap)
     return acts, resid
 
 

@@ -128,15 +128,17 @@ def _first_change(tokens, reference_tokens, groups, end: int) -> int:
 
 
 def _editor(ablation: MeanAblation, keep: Bool[Tensor, "variant layer batch pos head"], per_variant: int):
-    """An `edit_z` that mean-ablates what `keep` does not keep; the stacked batch holds
-    `per_variant` prompts of each variant in turn."""
+    """A `block` edit that mean-ablates the heads' outputs (z) that `keep` does not keep; the
+    stacked batch holds `per_variant` prompts of each variant in turn."""
 
-    def edit_z(layer, z, prompt, pos):
+    def ablate(name, layer, z, prompt, pos):
+        if name != "z":
+            return z
         variant = torch.arange(len(prompt), device=pos.device) // per_variant
         kept = keep[variant[:, None], layer, prompt[:, None], pos][..., None]
         return torch.where(kept, z, ablation.mean_z[layer][prompt[:, None], pos])
 
-    return edit_z
+    return ablate
 
 
 @torch.inference_mode()
@@ -195,7 +197,7 @@ def _knockouts(
     resid = cache.resid_pre[layer][prompt[:, None], pos]
     end_row = torch.full_like(prompt, end - first)
     final = run_rows(ablation.fast, cache, layer, resid, prompt, pos, end_row,
-                     after_attention=False, edit_z=_editor(ablation, keep, len(prompts)))
+                     after_attention=False, edit=_editor(ablation, keep, len(prompts)))
     ld = logit_diff_at(ablation.fast, final, ablation.io_token[prompt], ablation.s_token[prompt])
     return ld.view(n_var, len(prompts))
 
@@ -225,10 +227,12 @@ def _subset(ablation: MeanAblation, prompts: Tensor) -> MeanAblation:
 
 
 def _knockout_estimates(ablation: MeanAblation, keep: Keep) -> tuple[float, Float[Tensor, "layer head"]]:
-    edit, zs = _editor(ablation, keep[None], len(ablation.tokens)), []
+    ablate, zs = _editor(ablation, keep[None], len(ablation.tokens)), []
 
-    def edit_and_keep(layer, z, prompt, pos):
-        z = edit(layer, z, prompt, pos)
+    def edit_and_keep(name, layer, z, prompt, pos):
+        if name != "z":
+            return z
+        z = ablate(name, layer, z, prompt, pos)
         if not z.requires_grad:  # layer 0: nothing upstream of it needs a gradient
             z.requires_grad_(True)
         z.retain_grad()

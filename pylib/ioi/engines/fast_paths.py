@@ -51,8 +51,8 @@ from torch import Tensor
 from ioi.engines import hooks_paths
 from ioi.dataset import IOIDataset
 from ioi.engines.fast import (
-    Cache, FastModel, as_fast, attend, attention_pattern, attn_input, cached_runs, first_change, head_out,
-    keys_values, length_groups, logit_diff_at, mlp, mlp_input, queries,
+    Cache, FastModel, as_fast, attn_input, cached_runs, first_change, head_out_changes, keys_values, length_groups,
+    logit_diff_at, mlp, mlp_input, queries, run_rows,
 )
 
 Head = tuple[int, int]  # (layer, head)
@@ -176,7 +176,6 @@ def _sweep_prompts(
         for first in range(0, n_heads, heads_per_chunk):
             heads = torch.arange(first, min(n_heads, first + heads_per_chunk))
             prompt = prompts.repeat(len(heads))
-            head = heads.repeat_interleave(len(prompts))
             if start is None:
                 pos, end_row = end[prompt][:, None], torch.zeros_like(prompt)
             else:
@@ -186,29 +185,29 @@ def _sweep_prompts(
             # carried row when patching at all positions). The sender's change to its layer's
             # output, then the frozen forward.
             pos2 = pos if positions is None else positions[prompt][:, None]
-            at = prompt[:, None], pos2, head[:, None]
-            lw, rows = fast.layers[layer], (prompt[:, None], pos2)
-            if lw.attn_post_norm_w is None:  # the layer's output is additive in its heads
-                dz = corrupted_cache.z[layer][at] - clean_cache.z[layer][at]  # [n row d_head]
-                resid_mid = clean_cache.resid_mid(layer, rows) + torch.einsum("nre,ned->nrd", dz, lw.W_O[head])
-            else:  # a norm after attention: recompute the layer's output with the sender's z
-                z = clean_cache.z[layer][rows]  # [n row head d_head], a copy
-                z[torch.arange(len(prompt)), :, head] = corrupted_cache.z[layer][at]
-                resid_mid = clean_cache.resid_pre[layer][rows] + head_out(fast, lw, z)
+            rows = prompt[:, None], pos2
+            # the variants are the chunk's heads, each over every prompt: head-major
+            at = prompts[:, None], pos2[: len(prompts)]
+            z = clean_cache.z[layer][at]
+            changes = head_out_changes(fast, fast.layers[layer], z, corrupted_cache.z[layer][at] - z, slice(first, first + len(heads)))
+            resid_mid = clean_cache.resid_mid(layer, rows) + changes.flatten(0, 1)
             if receivers == "logits":  # pos2 is END
                 resid = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, [fast.n_layers])
                 resid = resid[fast.n_layers][:, 0]
             else:
                 layers = sorted({l for l, _ in receivers})
                 step2 = _frozen_forward(fast, clean_cache, layer, resid_mid, prompt, pos2, layers)
-                # the rows carried in step 3 that get step 2's inputs (the values broadcast
-                # over rows when step 2 ran on the patched position alone)
-                mask = torch.ones_like(pos, dtype=torch.bool) if positions is None else pos == positions[prompt][:, None]
                 patches = {
                     l: _receiver_inputs(fast, l, step2[l], pos2, receiver_input, [h for rl, h in receivers if rl == l])
                     for l in layers
                 }
-                resid = _patched_forward(fast, clean_cache, layers[0], prompt, pos, end_row, mask, receiver_input, patches)
+                # Step 3: the clean run from the first receiver layer on, for the rows `pos`
+                # alone (all that the patch can change), the receivers' inputs from step 2
+                resid = run_rows(
+                    fast, clean_cache, layers[0], clean_cache.resid_pre[layers[0]][prompt[:, None], pos], prompt, pos,
+                    end_row, after_attention=False,
+                    edit=_receiver_patch(receiver_input, patches, int(pos[0, 0]), None if positions is None else positions[prompt]),
+                )
             ld = logit_diff_at(fast, resid, clean.io_token[prompt], clean.s_token[prompt])
             out[layer, heads] = ld.view(len(heads), len(prompts)).mean(-1)
     return out
@@ -262,42 +261,19 @@ def _receiver_inputs(
     return value, chosen
 
 
-def _patched_forward(
-    fast: FastModel,
-    cache: Cache,
-    start_layer: int,
-    prompt: Int[Tensor, " n"],
-    pos: Int[Tensor, "n row"],
-    end_row: Int[Tensor, " n"],
-    mask: Bool[Tensor, "n row"],
-    receiver_input: str,
-    patches: dict,
-) -> Float[Tensor, "n d_model"]:
-    """Step 3: the clean run from `start_layer` on, carrying only the rows `pos` (all that the
-    patch can change), with the receivers' inputs replaced by step 2's where `mask` is set.
-    Rows attend to the clean cached keys and values elsewhere. The final residual at END."""
-    n_idx = torch.arange(len(prompt))[:, None]
-    resid = cache.resid_pre[start_layer][prompt[:, None], pos]
-    for l in range(start_layer, fast.n_layers):
-        lw = fast.layers[l]
-        x = attn_input(fast, lw, resid)
-        q = queries(fast, lw, x, pos)
-        k_rows, v_rows = keys_values(fast, lw, x, pos)
-        if l in patches:
-            value, chosen = patches[l]
-            where = (mask[:, :, None] & chosen[None, None])[..., None]
-            if receiver_input == "q":
-                q = torch.where(where, value, q)
-            elif receiver_input == "k":
-                k_rows = torch.where(where, value, k_rows)
-            else:
-                v_rows = torch.where(where, value, v_rows)
-        k, v = cache.k[l][prompt], cache.v[l][prompt]  # advanced indexing copies
-        k[n_idx, pos], v[n_idx, pos] = k_rows, v_rows
-        if l == fast.n_layers - 1:  # after the last keys and values only END is read
-            at = torch.arange(len(prompt)), end_row
-            q, resid, pos = q[at][:, None], resid[at][:, None], pos[at][:, None]
-        pre, resid = resid, resid + head_out(fast, lw, attend(attention_pattern(fast, lw, q, k, pos), v))
-        resid = resid + mlp(fast, lw, mlp_input(fast, lw, pre, resid))
-    return resid[:, 0]
+def _receiver_patch(receiver_input: str, patches: dict, first: int, patch_pos: Int[Tensor, " n"] | None):
+    """A `block` edit that gives the receivers step 2's `receiver_input` ("q", "k" or "v"):
+    `patches[layer]` is (step 2's value, which of the layer's heads are receivers), the value
+    either for every carried row from position `first` on (`patch_pos` None: all positions) or
+    for each item's one patched position `patch_pos`, broadcast over its rows."""
 
+    def patch(name, layer, value, prompt, pos):
+        if name != receiver_input or layer not in patches:
+            return value
+        new, chosen = patches[layer]
+        if new.shape[1] > 1:  # one value per carried row: those of the rows at hand
+            new = new[torch.arange(len(pos), device=pos.device)[:, None], pos - first]
+        where = chosen[None, None] if patch_pos is None else (pos == patch_pos[:, None])[:, :, None] & chosen[None, None]
+        return torch.where(where[..., None], new, value)
+
+    return patch

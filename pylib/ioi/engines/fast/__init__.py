@@ -33,23 +33,27 @@ unembedding. Almost all of that work repeats the corrupted run. This module only
 Every sweep returns the raw mean logit difference per component (`per_prompt=True` keeps the
 prompt axis); normalise with `ioi.metrics.normalised`.
 
-The package, in reading order: `model` (FastModel, Layer, the forward a function at a time and
-`run_rows`, the step every sweep repeats), `loaders` (reading a bridge into a FastModel),
+The package, in reading order: `model` (FastModel, Layer, the forward a function at a time, and
+`block`, the one forward step, whose edit hook lets a patch, a mean-ablation or a gradient tap
+change q, k, v, z or an output as it is computed; `run_with_cache` and `run_rows` loop it over
+whole prompts or over the rows a patch changes), `loaders` (reading a bridge into a FastModel),
 `reuse` (the cached clean and corrupted runs and the rows a patch changes) and `sweeps` (each
-experiment a few lines over them). `ioi.engines.fast_paths`, `fast_ablation` and `attribution`
-build on the same pieces.
+experiment a few lines over them). `ioi.engines.fast_paths` (the receivers' inputs as an edit),
+`fast_ablation` (mean-ablation as an edit of z) and `attribution` (a gradient tap on every
+activation) are edits of the same step.
 
-Adding an architecture: teach `loaders` to read it (a new loader beside `_from_gemma3` if its
-weights cannot come from the bridge's processed blocks, and any new computation as a field of
-`Layer` or `FastModel` that the forward in `model` applies), then remove its feature from the
-refusals in `ioi.engines.check`. The shared `tiny_model` fixture in tests/conftest.py then runs
-it through every agreement test (against TransformerLens and the hook references) once a tiny
-model of it is added there.
+Adding an architecture: teach `loaders` to read it, in one place: a `Loader` in `LOADERS` (a
+new one beside Gemma 3's if its weights cannot come from the bridge's processed blocks) that
+declares the features of `ioi.engines.check.FEATURES` it implements, with any new computation as a
+field of `Layer` or `FastModel` that `block` applies. `ioi.engines.check` then lets those features
+through for that loader's models and still refuses the rest by name. The shared `tiny_model`
+fixture in tests/conftest.py runs it through every agreement test (against TransformerLens and
+the hook references) once a tiny model of it is added there.
 """
 
 __all__ = [  # what the other engines, the analyses and the tests use
     "as_fast", "from_bridge", "is_gemma3", "Cache", "FastModel", "Layer", "Positions", "attend", "attention_pattern",
-    "attention_z", "attn_input", "embed", "end_logit_diff", "head_out", "head_out_changes", "keys_values",
+    "attn_input", "block", "EDITABLE", "embed", "end_logit_diff", "head_out", "head_out_changes", "keys_values",
     "logit_diff_at", "logits", "mlp", "mlp_input", "norm", "queries", "rotate", "run_rows", "run_with_cache", "Task",
     "cached_runs", "first_change", "length_groups", "prepare", "reuse_last", "HeadInput", "head_input_frame",
     "head_input_sweep", "head_out_frame", "head_out_sweep", "layer_out_frame", "layer_out_sweep", "resid_frame",
@@ -59,7 +63,7 @@ __all__ = [  # what the other engines, the analyses and the tests use
 
 from ioi.engines.fast.loaders import as_fast, from_bridge, is_gemma3
 from ioi.engines.fast.model import (
-    Cache, FastModel, Layer, Positions, _act, attend, attention_pattern, attention_z, attn_input, embed,
+    EDITABLE, Cache, FastModel, Layer, Positions, _act, attend, attention_pattern, attn_input, block, embed,
     end_logit_diff, head_out, head_out_changes, keys_values, logit_diff_at, logits, mlp, mlp_input, norm, queries,
     rotate, run_rows, run_with_cache,
 )

@@ -2,9 +2,13 @@
 
 `FastModel` holds one `Layer` of weights per block; `embed`, `norm`, `queries`, `keys_values`,
 `attention_pattern`, `attend`, `head_out` and `mlp` are the forward in reading order, and
-`run_with_cache` strings them together over a whole prompt, keeping what the sweeps start from
-(`Cache`). `run_rows` is the same forward for a few rows of a prompt against another run's
-cached keys and values: the step every sweep repeats.
+`block` strings them into one transformer block: the forward step, written once. Every engine
+is a loop of `block` with edits, the way `transformer_lens.patching` is one generic patch and
+its setters: `edit(name, layer, value, prompt, pos)` sees each of `EDITABLE` as the block
+computes it and returns what the block goes on with (a patch, a mean-ablation, or a gradient
+tap that keeps the value and returns it). `run_with_cache` runs the blocks over whole prompts,
+keeping what the sweeps start from (`Cache`); `run_rows` runs them for a few rows of each
+prompt against another run's cached keys and values: the step every sweep repeats.
 """
 
 from __future__ import annotations
@@ -183,18 +187,6 @@ def attend(
     return torch.einsum("bhrk,bkhe->brhe", pattern, v)
 
 
-def attention_z(
-    fast: FastModel,
-    layer: Layer,
-    x: Float[Tensor, "batch row d_model"],
-    pos: Int[Tensor, "batch row"],
-    k: Float[Tensor, "batch key kv_head d_head"],
-    v: Float[Tensor, "batch key kv_head d_head"],
-) -> Float[Tensor, "batch row head d_head"]:
-    """Each row's heads attend causally over `k`, `v` (grouped-query attention)."""
-    return attend(attention_pattern(fast, layer, queries(fast, layer, x, pos), k, pos), v)
-
-
 def head_out(fast: FastModel, layer: Layer, z: Float[Tensor, "batch row head d_head"]) -> Float[Tensor, "batch row d_model"]:
     """The attention layer's output: its heads' sum, then Gemma 3's post-attention norm. With
     that norm a head's contribution is not additive: patch z, then call this."""
@@ -250,6 +242,60 @@ def logit_diff_at(
     return (norm(fast, resid, fast.final_norm_w) * direction).sum(-1) + fast.b_U[io_token] - fast.b_U[s_token]
 
 
+# --- The forward step, written once -----------------------------------------------------------
+
+
+def block(
+    fast: FastModel,
+    i: int,
+    resid: Float[Tensor, "n row d_model"],
+    prompt: Int[Tensor, " n"],
+    pos: Int[Tensor, "n row"],
+    cached_kv: tuple[Tensor, Tensor] | None = None,
+    end_row: Int[Tensor, " n"] | None = None,
+    edit=None,
+) -> Float[Tensor, "n out_row d_model"]:  # out_row: row, or 1 with end_row
+    """Block i on rows of prompts: row r of item n is at absolute position pos[n, r] of prompt
+    prompt[n]. The rows attend to each other, or, given `cached_kv` (a run's keys and values for
+    every position of every prompt), to those with the rows' own written over them: the other
+    positions are unchanged. With `end_row`, only that row of each item goes on after the keys and
+    values (the last layer, where nothing but END is read). `edit(name, i, value, prompt, pos)`
+    may replace each of `EDITABLE` as it is computed."""
+    edit = edit or _unedited
+    layer = fast.layers[i]
+    resid = edit("resid_pre", i, resid, prompt, pos)
+    x = attn_input(fast, layer, resid)
+    k, v = keys_values(fast, layer, x, pos)
+    k, v = edit("k", i, k, prompt, pos), edit("v", i, v, prompt, pos)
+    if cached_kv is not None:
+        k, v = _with_rows(cached_kv, k, v, prompt, pos)
+    if end_row is not None:
+        at = torch.arange(len(prompt), device=pos.device), end_row
+        x, resid, pos = x[at][:, None], resid[at][:, None], pos[at][:, None]
+    q = edit("q", i, queries(fast, layer, x, pos), prompt, pos)
+    z = edit("z", i, attend(attention_pattern(fast, layer, q, k, pos), v), prompt, pos)
+    mid = resid + edit("attn_out", i, head_out(fast, layer, z), prompt, pos)
+    return mid + edit("mlp_out", i, mlp(fast, layer, mlp_input(fast, layer, resid, mid)), prompt, pos)
+
+
+EDITABLE = ("resid_pre", "q", "k", "v", "z", "attn_out", "mlp_out")
+
+
+def _unedited(name, layer, value, prompt, pos):
+    return value
+
+
+def _with_rows(cached_kv, k_rows, v_rows, prompt, pos):
+    """The cached keys and values of each item's prompt, with its rows' recomputed ones."""
+    k, v = cached_kv[0][prompt], cached_kv[1][prompt]  # advanced indexing copies, so writing is safe
+    n_idx = torch.arange(len(prompt), device=pos.device)[:, None]
+    k[n_idx, pos], v[n_idx, pos] = k_rows, v_rows
+    return k, v
+
+
+# --- Whole prompts, and the rows a patch changes ---------------------------------------------
+
+
 @dataclass(frozen=True)
 class Cache:
     """A full forward's activations per layer, what the sweeps start from and attend to.
@@ -279,23 +325,21 @@ class Cache:
         return mlp(self.fast, layer_weights, mlp_input(self.fast, layer_weights, before, after))
 
 
-def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit_z=None) -> Cache:
-    """The full forward, keeping every activation a sweep needs. `edit_z(layer, z, prompt, pos)`,
-    if given, replaces each layer's head outputs before they are used (e.g. mean-ablation)."""
+def run_with_cache(fast: FastModel, tokens: Int[Tensor, "batch pos"], edit=None) -> Cache:
+    """The full forward, keeping every activation a sweep needs; `edit` as in `block`."""
     pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
     prompt = torch.arange(tokens.shape[0], device=tokens.device)
     acts = {name: [] for name in ("resid_pre", "z", "k", "v")}
-    resid = embed(fast, tokens)
-    for i, layer in enumerate(fast.layers):
-        x = attn_input(fast, layer, resid)
-        k, v = keys_values(fast, layer, x, pos)
-        z = attention_z(fast, layer, x, pos, k, v)
-        if edit_z is not None:
-            z = edit_z(i, z, prompt, pos)
-        for name, value in zip(acts, (resid, z, k, v)):
+
+    def keep(name, layer, value, prompt, pos):
+        value = value if edit is None else edit(name, layer, value, prompt, pos)
+        if name in acts:
             acts[name].append(value)
-        mid = resid + head_out(fast, layer, z)
-        resid = mid + mlp(fast, layer, mlp_input(fast, layer, resid, mid))
+        return value
+
+    resid = embed(fast, tokens)
+    for i in range(fast.n_layers):
+        resid = block(fast, i, resid, prompt, pos, edit=keep)
     return Cache(fast, **{name: tuple(values) for name, values in acts.items()}, resid_final=resid)
 
 
@@ -315,9 +359,6 @@ def end_logit_diff(
     return logit_diff_at(fast, final[torch.arange(len(end)), end], io_token, s_token)
 
 
-# --- Recomputing only the rows a patch changes -----------------------------------------------
-
-
 def run_rows(
     fast: FastModel,
     cache: Cache,
@@ -327,42 +368,29 @@ def run_rows(
     pos: Int[Tensor, "n row"],
     end_row: Int[Tensor, " n"],
     after_attention: bool = True,
-    edit_z=None,
+    edit=None,
 ) -> Float[Tensor, "n d_model"]:
     """Carry changed rows from layer `start_layer`'s residual stream (after its attention, or
     before it with after_attention=False) to the final residual at END (row `end_row`).
 
     Row r of variant n sits at absolute position pos[n, r] of prompt prompt[n]. Every position
     not among the rows is unchanged, so its keys and values are the cached ones; the rows' own
-    keys and values are recomputed and written over them. After the last layer's keys and
-    values only END is needed, so the last attention and MLP run on END alone. `edit_z` is as
-    in `run_with_cache`. A change given after attention is a change to the attention output
-    alone: the residual before it, which a parallel block's MLP reads, is the cached one."""
+    keys and values are recomputed and written over them (`block`). After the last layer's keys
+    and values only END is needed, so the last attention and MLP run on END alone. `edit` is as
+    in `block`. A change given after attention is a change to the attention output alone: the
+    residual before it, which a parallel block's MLP reads, is the cached one."""
     n_idx = torch.arange(len(prompt), device=pos.device)
     last = fast.n_layers - 1
-    for i in range(start_layer, fast.n_layers):
-        layer = fast.layers[i]
-        if i > start_layer or not after_attention:
-            x = attn_input(fast, layer, resid)
-            k, v = _with_rows(fast, layer, cache.k[i], cache.v[i], x, prompt, pos)
-            if i == last:
-                x, resid, pos = x[n_idx, end_row, None], resid[n_idx, end_row, None], pos[n_idx, end_row, None]
-            z = attention_z(fast, layer, x, pos, k, v)
-            if edit_z is not None:
-                z = edit_z(i, z, prompt, pos)
-            pre, resid = resid, resid + head_out(fast, layer, z)
-        else:
-            if i == last:
-                resid, pos = resid[n_idx, end_row, None], pos[n_idx, end_row, None]
-            pre = cache.resid_pre[i][prompt[:, None], pos] if fast.parallel else resid
+    first = start_layer
+    if after_attention:  # the rest of the start layer: its MLP
+        if start_layer == last:
+            resid, pos, end_row = resid[n_idx, end_row, None], pos[n_idx, end_row, None], torch.zeros_like(end_row)
+        layer = fast.layers[start_layer]
+        pre = cache.resid_pre[start_layer][prompt[:, None], pos] if fast.parallel else resid
         resid = resid + mlp(fast, layer, mlp_input(fast, layer, pre, resid))
-    return resid[:, 0] if resid.shape[1] == 1 else resid[n_idx, end_row]
-
-
-def _with_rows(fast, layer, cached_k, cached_v, x, prompt, pos):
-    """The cached keys and values of each variant's prompt, with its rows' recomputed."""
-    k_rows, v_rows = keys_values(fast, layer, x, pos)
-    k, v = cached_k[prompt], cached_v[prompt]  # advanced indexing copies, so writing is safe
-    n_idx = torch.arange(len(prompt), device=pos.device)[:, None]
-    k[n_idx, pos], v[n_idx, pos] = k_rows, v_rows
-    return k, v
+        first += 1
+    for i in range(first, fast.n_layers):
+        resid = block(fast, i, resid, prompt, pos, (cache.k[i], cache.v[i]), end_row if i == last else None, edit)
+        if i == last:
+            return resid[:, 0]
+    return resid[n_idx, end_row]
