@@ -36,6 +36,19 @@ def test_supported_models_pass_the_check(tiny_model):
     assert verdict.max_abs_diff < 1e-4
 
 
+def test_loaders_declare_the_features_the_check_lets_through(tiny_gemma3, monkeypatch):
+    """What a model may have beyond the core comes from its loader's declarations alone: Gemma 3
+    passes because its loader implements its features; read by the processed-weights loader,
+    which declares none, the same model is refused by name."""
+    from ioi.engines.fast import loaders
+
+    assert all(loader.implements <= set(check.FEATURES) for loader in loaders.LOADERS)
+    assert check.unsupported_features(tiny_gemma3) == []
+    monkeypatch.setattr(check, "loader_for", lambda model: loaders.LOADERS[-1])
+    refused = set(check.unsupported_features(tiny_gemma3))
+    assert {"Gemma 3", "query/key norms", "post-norms around attention and MLP"} <= refused
+
+
 def test_local_attention_is_named_and_refused(tiny_gpt_neo):
     with pytest.raises(check.UnsupportedModelError, match="local .*attention.*tiny-gpt-neo"):
         check.check_supported(tiny_gpt_neo)

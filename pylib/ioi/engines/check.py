@@ -6,7 +6,8 @@ Gemma 2's attention soft-capping, ...) would not raise an error: the numbers wou
 So before a study uses the fast engines on a model, two checks decide:
 
 1. Features, up front (`unsupported_features`): the Hugging Face config and module names are
-   read for every feature the fast engine does not implement; each is named.
+   read for every feature beyond the core that the fast engine implements for all (`FEATURES`);
+   those the model's loader does not declare (`ioi.engines.fast.loaders.LOADERS`) are named.
 2. Numbers (`verify`): on the study's own clean and corrupted prompts, the fast engine's logit
    difference at END must equal the bridge's, prompt by prompt, to float tolerance.
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ioi.engines.fast import is_gemma3
+from ioi.engines.fast.loaders import loader_for
 
 # float32 logits of a few units agree to ~1e-5 when the computation is the same; a missing
 # feature moves them by 1e-2 or more (GPT-Neo's local attention: 0.03; Gemma's embedding scale: 0.7)
@@ -50,8 +51,19 @@ def hf_config(model):
     return getattr(original, "config", None)
 
 
+# Features beyond the core, by the name a refusal gives; a loader declares those it implements.
+FEATURES = (
+    "attention scale other than sqrt(d_head)", "local (sliding-window) attention", "attn logit softcapping",
+    "final logit softcapping", "unscaled attention scores", "Gemma 3", "parallel attention and MLP",
+    "post-layer-norm blocks", "projected word embeddings", "GPT-2 attention rescaling by layer",
+    "ALiBi attention biases", "query/key norms", "post-norms around attention and MLP",
+)
+
+
 def unsupported_features(model) -> list[str]:
-    """Every architecture feature of `model` (a bridge) the fast engine does not implement."""
+    """Every architecture feature of `model` (a bridge) the fast engine does not implement: a
+    norm, activation or position scheme outside the core, or one of `FEATURES` that its loader
+    does not declare."""
     cfg, hf = model.cfg, hf_config(model)
     found = []
     if cfg.normalization_type not in NORMS:
@@ -60,11 +72,13 @@ def unsupported_features(model) -> list[str]:
         found.append(f"activation {cfg.act_fn!r}")
     if cfg.positional_embedding_type not in ("standard", "rotary"):
         found.append(f"positional embedding {cfg.positional_embedding_type!r}")
-    if not is_gemma3(model) and (not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg)):
-        found.append("attention scale other than sqrt(d_head)")
+    features = []
+    if not getattr(cfg, "use_attn_scale", True) or not _default_attn_scale(cfg):
+        features.append("attention scale other than sqrt(d_head)")
     if hf is not None:
-        found += _hf_features(model, hf)
-    return found
+        features += _hf_features(model, hf)
+    implemented = loader_for(model).implements
+    return found + [f for f in features if f not in implemented]
 
 
 def _default_attn_scale(cfg) -> bool:
@@ -73,18 +87,21 @@ def _default_attn_scale(cfg) -> bool:
 
 
 def _hf_features(model, hf) -> list[str]:
+    """The features of `FEATURES` (or another Gemma's architecture) that the Hugging Face config
+    and module names show."""
     found = []
     kind = getattr(hf, "model_type", "?")
-    gemma3 = is_gemma3(model)  # its windows, norms, embedding scale and attention scale are implemented
     types = set(getattr(hf, "attention_layers", None) or []) | set(getattr(hf, "layer_types", None) or [])
-    if not gemma3 and ({"local", "sliding_attention"} & types or getattr(hf, "use_sliding_window", False)):
+    if {"local", "sliding_attention"} & types or getattr(hf, "use_sliding_window", False):
         found.append("local (sliding-window) attention")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(hf, name, None) is not None:
             found.append(f"{name.replace('_', ' ')}")
     if kind == "gpt_neo":  # its attention scores are not divided by sqrt(d_head)
         found.append("unscaled attention scores")
-    if kind.startswith("gemma") and not gemma3:
+    if kind in ("gemma3", "gemma3_text"):
+        found.append("Gemma 3")  # its embedding scale and (1 + w) norms
+    elif kind.startswith("gemma"):
         found.append(f"{kind}'s architecture (only Gemma 3 is implemented)")
     if getattr(hf, "parallel_attn", False) and kind != "gpt_neox":  # NeoX's is implemented
         found.append("parallel attention and MLP")
@@ -98,9 +115,9 @@ def _hf_features(model, hf) -> list[str]:
     if getattr(hf, "alibi", False) or kind in ("bloom", "mpt"):
         found.append("ALiBi attention biases")
     modules = [name.rsplit(".", 1)[-1] for name, _ in model.original_model.named_modules()]
-    if not gemma3 and {"q_norm", "k_norm", "q_layernorm", "k_layernorm"} & set(modules):
+    if {"q_norm", "k_norm", "q_layernorm", "k_layernorm"} & set(modules):
         found.append("query/key norms")
-    if not gemma3 and "post_feedforward_layernorm" in modules:
+    if "post_feedforward_layernorm" in modules:
         found.append("post-norms around attention and MLP")
     return found
 

@@ -1,37 +1,51 @@
 """Reading a model into a `FastModel`: one loader per way a bridge exposes its weights.
 
-`from_bridge` reads the processed weights of any bridge in compatibility mode (GPT-2, GPT-NeoX,
-Llama, Qwen2, OPT-style blocks) as views of the parameters the bridge itself computes with;
-`_from_gemma3` reads Gemma 3's unprocessed Hugging Face modules, with the norms no processing can
-fold. `as_fast` builds the fast model once per bridge.
+`LOADERS`, tried in order: Gemma 3's unprocessed Hugging Face modules, with the norms no
+processing can fold (`_from_gemma3`), and the processed weights of any other bridge in
+compatibility mode (GPT-2, GPT-NeoX, Llama, Qwen2, OPT-style blocks) as views of the parameters
+the bridge itself computes with (`_from_processed`). Each declares the architecture features
+(`ioi.engines.check.FEATURES`) its `FastModel` implements beyond the core that every one does
+(pre-norm blocks, learned or rotary positions, GELU or gated MLPs, grouped-query attention);
+`ioi.engines.check` refuses a model with any other. `as_fast` builds the fast model once per
+bridge.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ioi.engines.fast.model import MAX_ROTARY_POSITIONS, FastModel, Layer
 
+@dataclass(frozen=True)
+class Loader:
+    name: str
+    reads: Callable  # bridge -> bool: whether this loader reads it
+    load: Callable  # bridge -> FastModel
+    implements: frozenset[str]  # of `ioi.engines.check.FEATURES`, beyond the core
+
+
+def loader_for(bridge) -> Loader:
+    return next(loader for loader in LOADERS if loader.reads(bridge))
+
+
 def from_bridge(bridge) -> FastModel:
     # ordinary (not inference-mode) tensors, so that attribution patching can backpropagate
     with torch.inference_mode(False), torch.no_grad():
-        return _from_bridge(bridge)
+        return loader_for(bridge).load(bridge)
 
 
-def _from_bridge(bridge) -> FastModel:
+def _from_processed(bridge) -> FastModel:
     """The weights of a `TransformerBridge` in compatibility mode, as a `FastModel`.
 
     Each block's properties (`blocks[i].attn.W_Q`, ... `mlp.W_out`) are views of exactly the
     processed weights its own forward uses, so the fast model shares their memory rather than
     copying the model (a 1.5B model's copy would be 6 GB); bias-free models (Llama) expose no
-    biases, so those are zeros here. Gemma 3 is read from the Hugging Face modules the bridge
-    runs instead: its norms after attention and MLP cannot be folded into any weight, so they
-    are kept, with the others, as they are."""
-    if is_gemma3(bridge):
-        return _from_gemma3(bridge.original_model, bridge.W_E.dtype)
+    biases, so those are zeros here."""
     cfg = bridge.cfg
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre"):
         raise NotImplementedError(f"normalization_type {cfg.normalization_type!r}")
@@ -61,9 +75,11 @@ def is_gemma3(bridge) -> bool:
     return getattr(hf, "model_type", None) in GEMMA3
 
 
-def _from_gemma3(hf_model, dtype: torch.dtype) -> FastModel:
+def _from_gemma3(bridge) -> FastModel:
     """Gemma 3's unprocessed Hugging Face weights in TransformerLens shapes, with its norms'
-    weights, per-layer rotary tables and attention windows."""
+    weights, per-layer rotary tables and attention windows: its norms after attention and MLP
+    cannot be folded into any weight, so they are kept, with the others, as they are."""
+    hf_model, dtype = bridge.original_model, bridge.W_E.dtype
     config = hf_model.config.get_text_config()
     body = hf_model.model if hasattr(hf_model.model, "layers") else hf_model.model.language_model
     n_heads, n_kv, d_head = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -114,6 +130,15 @@ def _from_gemma3(hf_model, dtype: torch.dtype) -> FastModel:
         norm_offset=1.0,
         attn_scale=float(config.query_pre_attn_scalar) ** 0.5,
     )
+
+
+LOADERS = (
+    Loader("Gemma 3", is_gemma3, _from_gemma3, frozenset({
+        "Gemma 3", "local (sliding-window) attention", "query/key norms", "post-norms around attention and MLP",
+        "attention scale other than sqrt(d_head)",
+    })),
+    Loader("processed bridge", lambda bridge: True, _from_processed, frozenset()),
+)
 
 
 def as_fast(model_or_fast) -> FastModel:
