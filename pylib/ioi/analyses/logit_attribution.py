@@ -39,83 +39,55 @@ def apply_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float[Tensor
     return x / scale.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _attn_bias(model, layer: int) -> Float[Tensor, " d_model"]:
-    try:
-        return model.b_O[layer]
-    except AttributeError:  # bias-free projections (Llama) have no b_O at all
-        return torch.zeros(model.cfg.d_model)
-
-
-def _hook_names(model) -> list[str]:
-    names = ["ln_final.hook_scale", "blocks.0.hook_resid_pre"]
-    for layer in range(model.cfg.n_layers):
-        names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_mlp_out"]
-        names += [f"blocks.{layer}.hook_resid_post"]
-    return names
-
-
 @torch.inference_mode()
 def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.DataFrame:
     """Long table: one row per prompt and component, with its direct share of the logit
     difference at END. Components: embed, head (layer, head), attn_bias (layer), mlp (layer),
     unembed_bias. Rows of one prompt sum to its logit difference. With `fwd_hooks` (e.g. a
-    knockout), the attributions are those of the edited run, with its own final-norm scale."""
-    if fast.is_gemma3(model):
-        return _post_norm_attributions(model, dataset, fwd_hooks)
-    logits, cache = run_with_cache(model, dataset, _hook_names(model), fwd_hooks)
-    rows_idx = torch.arange(len(dataset))
-    end = dataset.end
-    scale = cache["ln_final.hook_scale"][rows_idx, end, 0]
-    direction = logit_diff_directions(model, dataset)
+    knockout), the attributions are those of the edited run, with its own final-norm scale.
 
-    def share(x: Tensor) -> Tensor:  # x: [batch, ..., d_model] at END
-        normed = apply_norm(model, x, scale)
-        return torch.einsum("b...d,bd->b...", normed, direction)
-
-    frames = [_frame(dataset, "embed", -1, -1, share(cache["blocks.0.hook_resid_pre"][rows_idx, end]))]
-    for layer in range(model.cfg.n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"][rows_idx, end]  # [batch head d_head]
-        heads = share(torch.einsum("bhd,hdm->bhm", z, model.W_O[layer]))
-        for head in range(model.cfg.n_heads):
-            frames.append(_frame(dataset, "head", layer, head, heads[:, head]))
-        bias = _attn_bias(model, layer).expand(len(dataset), -1)
-        frames.append(_frame(dataset, "attn_bias", layer, -1, share(bias)))
-        frames.append(_frame(dataset, "mlp", layer, -1, share(cache[f"blocks.{layer}.hook_mlp_out"][rows_idx, end])))
-    return _finish(model, dataset, frames, logits)
-
-
-def _post_norm_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.DataFrame:
-    """`per_prompt_attributions` for Gemma 3, whose attention output is normalised before it
-    joins the residual stream: norm(sum_h z_h W_O[h]) = sum_h (z_h W_O[h]) * (1 + w) / s, with
-    s the scale of the heads' sum. Frozen at its clean value, as the final norm's scale is, s
-    makes each head's write, and so its direct share, additive. Weights are the fast model's
-    (Gemma 3's own, unprocessed); an MLP's write is the residual stream's change across it."""
+    One loop for every architecture, on the fast model's weights (the bridge's processed ones, or
+    Gemma 3's own): where a norm sits between the heads and the residual stream (Gemma 3's after
+    attention), its scale is frozen at the run's value, as the final norm's is, so a head's write
+    is z W_O times the layer's `gain` and adds up (the gain is 1 where there is no such norm).
+    An MLP's write is what the residual stream gained across the layer besides the attention's."""
     weights = fast.as_fast(model)
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{name}" for l in range(model.cfg.n_layers)
-                                           for name in ("attn.hook_z", "hook_resid_mid", "hook_resid_post")]
-    logits, cache = run_with_cache(model, dataset, names, fwd_hooks)
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{l}.{name}" for l in range(n_layers) for name in ("hook_resid_pre", "attn.hook_z")]
+    logits, cache = run_with_cache(model, dataset, names + [f"blocks.{n_layers - 1}.hook_resid_post"], fwd_hooks)
     at = torch.arange(len(dataset)), dataset.end
-    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][at]
-    unembed = weights.W_U[:, dataset.io_token].T - weights.W_U[:, dataset.s_token].T
-    direction = unembed * (weights.norm_offset + weights.final_norm_w)
-    final_scale = torch.rsqrt(final.pow(2).mean(-1, keepdim=True) + weights.eps)
+    resid = [cache[f"blocks.{l}.hook_resid_pre"][at] for l in range(n_layers)]
+    resid.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][at])
+    direction = (weights.W_U[:, dataset.io_token] - weights.W_U[:, dataset.s_token]).T
+    if weights.final_norm_w is not None:  # a final norm weight that processing did not fold (Gemma 3)
+        direction = direction * (weights.norm_offset + weights.final_norm_w)
+    centred = weights.norm_type == "LN"  # LayerNorm subtracts each vector's mean; RMSNorm does not
+    final = resid[-1] - resid[-1].mean(-1, keepdim=True) if centred else resid[-1]
+    final_scale = torch.rsqrt(final.pow(2).mean(-1) + weights.eps)
 
     def share(x: Tensor) -> Tensor:  # x: [batch, ..., d_model] at END
+        x = x - x.mean(-1, keepdim=True) if centred else x
         return torch.einsum("b...d,bd->b...", x * final_scale.view(-1, *[1] * (x.ndim - 1)), direction)
 
-    frames = [_frame(dataset, "embed", -1, -1, share(cache["blocks.0.hook_resid_pre"][at]))]
+    frames = [_frame(dataset, "embed", -1, -1, share(resid[0]))]
     for layer, lw in enumerate(weights.layers):
         per_head = torch.einsum("bhd,hdm->bhm", cache[f"blocks.{layer}.attn.hook_z"][at], lw.W_O)
-        summed = per_head.sum(1) + lw.b_O
-        scale = torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + weights.eps)
-        gain = scale * (weights.norm_offset + lw.attn_post_norm_w)  # [batch d_model]
+        gain = _post_norm_gain(weights, lw, per_head.sum(1) + lw.b_O)
         heads = share(per_head * gain[:, None])
         for head in range(model.cfg.n_heads):
             frames.append(_frame(dataset, "head", layer, head, heads[:, head]))
+        attention = (per_head.sum(1) + lw.b_O) * gain
         frames.append(_frame(dataset, "attn_bias", layer, -1, share(lw.b_O * gain)))
-        mlp_write = cache[f"blocks.{layer}.hook_resid_post"][at] - cache[f"blocks.{layer}.hook_resid_mid"][at]
-        frames.append(_frame(dataset, "mlp", layer, -1, share(mlp_write)))
+        frames.append(_frame(dataset, "mlp", layer, -1, share(resid[layer + 1] - resid[layer] - attention)))
     return _finish(model, dataset, frames, logits, weights.b_U)
+
+
+def _post_norm_gain(weights, layer, attention: Float[Tensor, "batch d_model"]) -> Tensor:
+    """What the norm after attention multiplies the attention's output by, frozen at `attention`
+    (the run's own output): its scale times its weight; 1 without such a norm."""
+    if layer.attn_post_norm_w is None:
+        return torch.ones_like(attention)
+    return torch.rsqrt(attention.pow(2).mean(-1, keepdim=True) + weights.eps) * (weights.norm_offset + layer.attn_post_norm_w)
 
 
 def _finish(model, dataset: IOIDataset, frames: list[pd.DataFrame], logits: Tensor, b_U=None) -> pd.DataFrame:
