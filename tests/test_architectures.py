@@ -129,7 +129,7 @@ def test_gemma3_copy_logits_are_its_modules(tiny_gemma3):
     """A head's copy-score logits on Gemma 3 are what its own Hugging Face modules give for the
     head's write alone: input norm, values, the head's slice of o_proj, post-attention norm,
     final norm, unembedding."""
-    from ioi.analyses.head_scores import _gemma3_copy_inputs
+    from ioi.analyses.head_scores import _copy_inputs
 
     x = torch.randn(5, tiny_gemma3.cfg.d_model)
     hf = tiny_gemma3.original_model
@@ -139,6 +139,6 @@ def test_gemma3_copy_logits_are_its_modules(tiny_gemma3):
         v = block.self_attn.v_proj(block.input_layernorm(x))  # one key/value head
         o = block.self_attn.o_proj.weight[:, head * d_head:(head + 1) * d_head]
         expected = hf.lm_head(hf.model.norm(block.post_attention_layernorm(v @ o.T)))
-    unembedded, W_U, b_U = _gemma3_copy_inputs(tiny_gemma3, x)
+    unembedded, W_U, b_U = _copy_inputs(tiny_gemma3, x)
     got = unembedded(layer, head) @ W_U + b_U
     torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=0)

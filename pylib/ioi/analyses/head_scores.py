@@ -24,7 +24,6 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ioi.dataset import IOIDataset, repeated_random_tokens
-from ioi.analyses.logit_attribution import apply_norm, norm_scale
 from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
 
@@ -60,17 +59,6 @@ def attention_scores(model, dataset: IOIDataset) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _value_weights(model, layer: int, head: int):
-    """The head's value weights; under grouped-query attention, those of its key/value group."""
-    n_kv = model.W_V.shape[1]
-    group = head // (model.cfg.n_heads // n_kv)
-    try:
-        b_V = model.b_V[layer, group]
-    except AttributeError:  # bias-free projections
-        b_V = torch.zeros(model.W_V.shape[-1])
-    return model.W_V[layer, group], b_V
-
-
 @torch.inference_mode()
 def copy_scores(model, dataset: IOIDataset, screen_stride: int = SCREEN_STRIDE) -> pd.DataFrame:
     """Per head: the share of names its OV circuit copies (top-5) and negatively copies
@@ -82,7 +70,7 @@ def copy_scores(model, dataset: IOIDataset, screen_stride: int = SCREEN_STRIDE) 
     # each prompt's IO and S names, as they stand after the first MLP
     x = torch.cat([resid[rows, dataset.positions["IO"]], resid[rows, dataset.positions["S1"]]])
     targets = torch.cat([dataset.io_token, dataset.s_token])
-    unembedded, W_U, b_U = _gemma3_copy_inputs(model, x) if fast.is_gemma3(model) else _copy_inputs(model, x)
+    unembedded, W_U, b_U = _copy_inputs(model, x)
     out = []
     for layer in range(model.cfg.n_layers):
         for head in range(model.cfg.n_heads):
@@ -94,35 +82,26 @@ def copy_scores(model, dataset: IOIDataset, screen_stride: int = SCREEN_STRIDE) 
 
 def _copy_inputs(model, x: Float[Tensor, "n d_model"]):
     """(layer, head) -> what meets the unembedding when the head's OV circuit attends to x alone
-    (its logits are that @ W_U), with W_U and the unembedding bias (None: folded away)."""
-    x = apply_norm(model, x, norm_scale(model, x))  # ln1; its weight is folded into W_V
-
-    def unembedded(layer: int, head: int) -> Float[Tensor, "n d_model"]:
-        W_V, b_V = _value_weights(model, layer, head)
-        written = (x @ W_V + b_V) @ model.W_O[layer, head]
-        return apply_norm(model, written, norm_scale(model, written))
-
-    return unembedded, model.W_U, None
-
-
-def _gemma3_copy_inputs(model, x: Float[Tensor, "n d_model"]):
-    """`_copy_inputs` for Gemma 3, from its unprocessed weights: the norm before attention, the
-    OV circuit, the norm after attention (the head's write as the layer's only output), the
-    final norm; then the unembedding and its bias."""
+    (its logits are that @ W_U + b_U), with W_U and b_U: from the fast model's weights, so one
+    path serves every architecture: the norm before attention (its weight folded into W_V where
+    processing folds it), the head's value and output weights (a key/value group's values under
+    grouped-query attention), the norm after attention where there is one (Gemma 3: the head's
+    write as the layer's only output), the final norm."""
     weights = fast.as_fast(model)
 
     def unembedded(layer: int, head: int) -> Float[Tensor, "n d_model"]:
         lw = weights.layers[layer]
         group = head // (lw.W_Q.shape[0] // lw.W_V.shape[0])
-        v = fast.norm(weights, x, lw.attn_norm_w) @ lw.W_V[group] + lw.b_V[group]
-        written = fast.norm(weights, v @ lw.W_O[head], lw.attn_post_norm_w)
+        written = (fast.attn_input(weights, lw, x) @ lw.W_V[group] + lw.b_V[group]) @ lw.W_O[head]
+        if lw.attn_post_norm_w is not None:
+            written = fast.norm(weights, written, lw.attn_post_norm_w)
         return fast.norm(weights, written, weights.final_norm_w)
 
     return unembedded, weights.W_U, weights.b_U
 
 
 def copy_hits(
-    unembedded: Float[Tensor, "n d_model"], W_U: Float[Tensor, "d_model d_vocab"], b_U: Float[Tensor, " d_vocab"] | None,
+    unembedded: Float[Tensor, "n d_model"], W_U: Float[Tensor, "d_model d_vocab"], b_U: Float[Tensor, " d_vocab"],
     targets: Int[Tensor, " n"], screen_stride: int = SCREEN_STRIDE,
 ) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
     """Per row: is its target among the top 5 of `logits = unembedded @ W_U + b_U`, and among the
@@ -131,8 +110,8 @@ def copy_hits(
     5 tokens beat is not in the top 5, so every `screen_stride`-th column is computed first, and
     a row where 5 of them beat the target by more than float rounding (`SCREEN_MARGIN`) is
     settled, in each direction; only the rest get the whole row and its top 5, as before."""
-    logits = lambda cols: unembedded @ W_U[:, cols] + (0 if b_U is None else b_U[cols])  # noqa: E731
-    target = (unembedded * W_U[:, targets].T).sum(-1) + (0 if b_U is None else b_U[targets])
+    logits = lambda cols: unembedded @ W_U[:, cols] + b_U[cols]  # noqa: E731
+    target = (unembedded * W_U[:, targets].T).sum(-1) + b_U[targets]
     sample = logits(slice(None, None, screen_stride))
     margin = SCREEN_MARGIN * sample.abs().amax(-1)
     beaten = (sample > (target + margin)[:, None]).sum(-1) >= COPY_TOP_K
@@ -140,7 +119,7 @@ def copy_hits(
     copied, anti = torch.zeros_like(beaten), torch.zeros_like(beaten)
     rest = (~beaten | ~beaten_negated).nonzero().squeeze(-1)
     if len(rest):
-        full = unembedded[rest] @ W_U + (0 if b_U is None else b_U)
+        full = unembedded[rest] @ W_U + b_U
         copied[rest] = _in_top_k(full, targets[rest]) & ~beaten[rest]
         anti[rest] = _in_top_k(-full, targets[rest]) & ~beaten_negated[rest]
     return copied, anti
