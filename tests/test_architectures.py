@@ -67,8 +67,8 @@ def test_fast_logits_equal_the_bridge(fast_model):
 
 def test_fast_head_sweep_equals_hooks(fast_model):
     clean, corrupted = make_pair(fast_model, n=8)
-    got = auto.head_out_frame(fast_model, clean, corrupted)
-    expected = hooks.patch_head_outputs(fast_model, clean, corrupted)
+    got = auto.head_patching(fast_model, clean, corrupted)
+    expected = hooks.head_patching(fast_model, clean, corrupted)
     torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values), atol=1e-4, rtol=0)
 
 
@@ -83,8 +83,8 @@ def test_gemma3_is_exact_in_the_fast_engines(tiny_gemma3):
     # the bridge centres the unembedding (logits move by a constant per position): compare log-probabilities
     got = fast.logits(fast.as_fast(tiny_gemma3), clean.tokens)
     torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=1e-4, rtol=0)
-    got = auto.head_out_frame(tiny_gemma3, clean, corrupted)
-    reference = hooks.patch_head_outputs(tiny_gemma3, clean, corrupted)
+    got = auto.head_patching(tiny_gemma3, clean, corrupted)
+    reference = hooks.head_patching(tiny_gemma3, clean, corrupted)
     torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(reference.logit_diff.values), atol=1e-4, rtol=0)
 
 
@@ -94,8 +94,8 @@ def test_gemma_v1_is_refused_and_falls_back_to_hooks(tiny_gemma):
     assert "gemma" in ", ".join(check.unsupported_features(tiny_gemma))
     clean, corrupted = make_pair(tiny_gemma, n=6)
     with pytest.warns(UserWarning, match="hook-based reference"):
-        got = auto.head_out_frame(tiny_gemma, clean, corrupted)
-    expected = hooks.patch_head_outputs(tiny_gemma, clean, corrupted)
+        got = auto.head_patching(tiny_gemma, clean, corrupted)
+    expected = hooks.head_patching(tiny_gemma, clean, corrupted)
     torch.testing.assert_close(torch.tensor(got.logit_diff.values), torch.tensor(expected.logit_diff.values))
 
 

@@ -5,7 +5,8 @@ from conftest import make_pair
 
 from ioi.circuits import curve, discovery
 from ioi.circuits.criteria import Circuit, faithfulness
-from ioi.engines.hooks import patch_head_outputs
+from ioi.engines import hooks
+from ioi.metrics import normalised
 
 
 def test_smallest_top_k_reaches_its_target(tiny_gpt2):
@@ -13,7 +14,10 @@ def test_smallest_top_k_reaches_its_target(tiny_gpt2):
     is the criteria's, and one head fewer (in rank order) was evaluated below it unless the
     circuit is a single head."""
     clean, corrupted = make_pair(tiny_gpt2, n=10)
-    ranking = curve.by_size(patch_head_outputs(tiny_gpt2, clean, corrupted), "patched_metric")
+    runs = hooks.clean_and_corrupted(tiny_gpt2, clean, corrupted)
+    patching = hooks.head_patching(tiny_gpt2, clean, corrupted)
+    patching["patched_metric"] = normalised(patching.logit_diff, runs["clean_ld"], runs["corrupted_ld"])
+    ranking = curve.by_size(patching, "patched_metric")
     table = discovery.smallest_top_k(tiny_gpt2, clean, corrupted, ranking, target=0.9)
     assert list(zip(table.layer, table["head"])) == ranking
     k = int(table.in_circuit.sum())

@@ -1,6 +1,7 @@
 """ioi.engines.fast reproduces the bridge and TransformerLens's activation patching exactly."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tlp
@@ -141,39 +142,39 @@ def test_per_prompt_sweeps_average_to_the_mean(tiny_model):
 
 def test_tidy_frames(tiny_model):
     clean, corrupted = make_pair(tiny_model, n=4)
-    heads = fast.head_out_frame(tiny_model, clean, corrupted)
+    heads = fast.head_patching(tiny_model, clean, corrupted)
     cfg = tiny_model.cfg
     assert list(heads.columns) == ["layer", "head", "logit_diff"]
     assert len(heads) == cfg.n_layers * cfg.n_heads
-    resid = fast.resid_frame(tiny_model, clean, corrupted)
-    assert list(resid.columns) == ["layer", "pos", "logit_diff"]
+    resid = fast.residual_patching(tiny_model, clean, corrupted, positions=range(clean.tokens.shape[1]))
+    assert list(resid.columns) == ["layer", "position", "logit_diff"]
     assert len(resid) == cfg.n_layers * clean.tokens.shape[1]
 
 
 def test_named_residual_patching_matches_the_hook_sweep(tiny_model):
     """Patching the residual stream at each prompt's own S2, END, ... agrees with the hook-based
     reference, across prompts of different lengths."""
-    from ioi.engines.hooks import patch_residual
+    from ioi.engines.hooks import residual_patching
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
     assert len(set(clean.end.tolist())) > 1
-    got = fast.resid_named_frame(tiny_model, clean, corrupted)
-    expected = patch_residual(tiny_model, clean, corrupted)
+    got = fast.residual_patching(tiny_model, clean, corrupted)
+    expected = residual_patching(tiny_model, clean, corrupted)
     np.testing.assert_allclose(got.logit_diff, expected.logit_diff, atol=1e-4)
 
 
 def test_layer_output_patching_matches_the_hook_sweep(tiny_model):
     """Whole attention and MLP layer outputs patched at every position, across prompts of
     different lengths, agree with the hook-based reference."""
-    from ioi.engines.hooks import patch_layer_outputs
+    from ioi.engines.hooks import layer_patching
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
-    got = fast.layer_out_frame(tiny_model, clean, corrupted)
+    got = fast.layer_patching(tiny_model, clean, corrupted)
+    expected = layer_patching(tiny_model, clean, corrupted)
     for component in ("attn", "mlp"):
-        expected = patch_layer_outputs(tiny_model, clean, corrupted, component)
         corrupted_ld = _corrupted_ld(tiny_model, clean, corrupted)
         effect = got[got.component == component].logit_diff.to_numpy() - corrupted_ld
-        expected_effect = expected.logit_diff.to_numpy() - corrupted_ld
+        expected_effect = expected[expected.component == component].logit_diff.to_numpy() - corrupted_ld
         assert np.abs(expected_effect).max() > 1e-4
         np.testing.assert_allclose(effect, expected_effect, rtol=0.01, atol=1e-6)
 
@@ -185,10 +186,10 @@ def test_head_input_patching_matches_the_hook_sweeps(tiny_model):
 
     clean, corrupted = make_pair(tiny_model, n=10, templates="full")
     heads = [(0, 3), (1, 0), (2, 1), (2, 2)]
-    got = fast.head_input_frame(tiny_model, clean, corrupted, heads)
-    for activation, sweep in (("q", patching.patch_head_queries), ("k", patching.patch_head_keys),
-                              ("v", patching.patch_head_values), ("pattern", patching.patch_head_patterns)):
-        expected = sweep(tiny_model, clean, corrupted, heads=heads)
+    got = fast.head_input_patching(tiny_model, clean, corrupted, heads)
+    expected_all = patching.head_input_patching(tiny_model, clean, corrupted, heads)
+    for activation in ("q", "k", "v", "pattern"):
+        expected = expected_all[expected_all.activation == activation]
         ours = got[got.activation == activation]
         assert list(zip(ours.layer, ours["head"])) == list(zip(expected.layer, expected["head"]))
         # the effects on a random model are small: compare them, to a tolerance well below them
@@ -230,3 +231,18 @@ def test_cached_runs_are_reused_only_for_the_same_model_and_tokens(tiny_model):
     # a sweep run twice (the second time on the kept runs) gives the same numbers
     args = _args(clean, corrupted)
     torch.testing.assert_close(fast.head_out_sweep(w, *args), fast.head_out_sweep(w, *args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("experiment, kwargs", [
+    ("residual_patching", {}), ("layer_patching", {}), ("head_patching", {"positions": "all"}),
+    ("head_patching", {"positions": "end"}), ("head_input_patching", {"heads": [(0, 3), (2, 1)]}),
+])
+def test_both_engines_return_one_frame(tiny_model, experiment, kwargs):
+    """Each experiment has one name, signature and frame in both engines (the selector only
+    chooses): the same columns, dtypes and rows, and the same numbers."""
+    from ioi.engines import hooks
+
+    clean, corrupted = make_pair(tiny_model, n=6, templates="full")
+    ours = getattr(fast, experiment)(tiny_model, clean, corrupted, **kwargs)
+    reference = getattr(hooks, experiment)(tiny_model, clean, corrupted, **kwargs)
+    pd.testing.assert_frame_equal(ours, reference, check_exact=False, atol=1e-4, rtol=0)

@@ -35,18 +35,18 @@ def _assert_same(got: pd.DataFrame, expected: pd.DataFrame):
 def test_sweep_equals_reference(tiny_model, data, receivers, receiver_input, receiver_position):
     clean, corrupted = data
     args = (tiny_model, clean, corrupted, receivers, receiver_input, receiver_position)
-    _assert_same(fast_paths.path_patch_sweep(*args), pp.path_patch_sweep(*args))
+    _assert_same(fast_paths.path_patching(*args), pp.path_patching(*args))
 
 
 def test_small_batches_change_nothing(tiny_model, data):
     clean, corrupted = data
     args = (tiny_model, clean, corrupted, [(2, 1)], "v", "S2")
-    _assert_same(fast_paths.path_patch_sweep(*args, batch_size=3), pp.path_patch_sweep(*args))
+    _assert_same(fast_paths.path_patching(*args, batch_size=3), pp.path_patching(*args))
 
 
 def test_no_receivers_is_an_empty_frame(tiny_model, data):
     clean, corrupted = data
-    got = fast_paths.path_patch_sweep(tiny_model, clean, corrupted, [], "q", "END")
-    expected = pp.path_patch_sweep(tiny_model, clean, corrupted, [], "q", "END")
+    got = fast_paths.path_patching(tiny_model, clean, corrupted, [], "q", "END")
+    expected = pp.path_patching(tiny_model, clean, corrupted, [], "q", "END")
     assert got.empty and expected.empty
     assert list(got.columns) == list(expected.columns) == fast_paths.COLUMNS

@@ -21,7 +21,7 @@ def _tl_metric(dataset):
 def test_clean_into_clean_changes_nothing(tiny_model, data):
     """Patching the clean run's activations into the clean run leaves the logit difference."""
     clean, _ = data
-    out = patching.patch_head_outputs(tiny_model, clean, clean)
+    out = patching.head_patching(tiny_model, clean, clean)
     base = logit_diff(tiny_model(clean.tokens), clean).mean().item()
     assert out.logit_diff.to_numpy() == pytest.approx(base, abs=1e-5)
 
@@ -43,20 +43,24 @@ def test_all_heads_of_a_layer_equal_the_attention_output(tiny_model, data):
 
 
 @pytest.mark.parametrize(
-    "ours, theirs",
+    "activation, theirs",
     [
-        (patching.patch_head_outputs, tl_patching.get_act_patch_attn_head_out_all_pos),
-        (patching.patch_head_queries, tl_patching.get_act_patch_attn_head_q_all_pos),
-        (patching.patch_head_values, tl_patching.get_act_patch_attn_head_v_all_pos),
-        (patching.patch_head_patterns, tl_patching.get_act_patch_attn_head_pattern_all_pos),
+        ("z", tl_patching.get_act_patch_attn_head_out_all_pos),
+        ("q", tl_patching.get_act_patch_attn_head_q_all_pos),
+        ("v", tl_patching.get_act_patch_attn_head_v_all_pos),
+        ("pattern", tl_patching.get_act_patch_attn_head_pattern_all_pos),
     ],
 )
-def test_head_sweeps_agree_with_transformer_lens(tiny_model, data, ours, theirs):
+def test_head_sweeps_agree_with_transformer_lens(tiny_model, data, activation, theirs):
     """Our head sweeps give TransformerLens's numbers on the same model and data."""
     clean, corrupted = data
     _, cache = tiny_model.run_with_cache(clean.tokens)
     expected = theirs(tiny_model, corrupted.tokens, cache, _tl_metric(corrupted))
-    got = ours(tiny_model, clean, corrupted).pivot(index="layer", columns="head", values="logit_diff")
+    if activation == "z":
+        got = patching.head_patching(tiny_model, clean, corrupted)
+    else:
+        got = patching.head_input_patching(tiny_model, clean, corrupted, activations=[activation])
+    got = got.pivot(index="layer", columns="head", values="logit_diff")
     torch.testing.assert_close(torch.tensor(got.to_numpy()), expected.double(), atol=1e-4, rtol=0)
 
 
@@ -68,7 +72,7 @@ def test_residual_sweep_agrees_with_transformer_lens(tiny_model, data):
         tiny_model, corrupted.tokens, cache, _tl_metric(corrupted)
     )
     positions = range(clean.tokens.shape[1])
-    got = patching.patch_residual(tiny_model, clean, corrupted, positions=positions)
+    got = patching.residual_patching(tiny_model, clean, corrupted, positions=positions)
     got = got.pivot(index="layer", columns="position", values="logit_diff")
     torch.testing.assert_close(torch.tensor(got.to_numpy()), expected.double(), atol=1e-4, rtol=0)
 

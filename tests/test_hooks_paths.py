@@ -51,12 +51,12 @@ def test_sender_after_receiver_has_no_effect(tiny_model, data):
 def test_sweep_covers_heads_before_receivers(tiny_model, data):
     """A sweep into layer-2 queries has one row for each head of layers 0 and 1."""
     clean, corrupted = data
-    out = pp.path_patch_sweep(tiny_model, clean, corrupted, [(2, 0)], "q", "END")
+    out = pp.path_patching(tiny_model, clean, corrupted, [(2, 0)], "q", "END")
     assert len(out) == 2 * tiny_model.cfg.n_heads and set(out.layer) == {0, 1}
 
 
 def test_sweep_into_no_receivers_is_empty(tiny_model, data):
     """A class the circuit lacks gives an empty table, not an error."""
     clean, corrupted = data
-    out = pp.path_patch_sweep(tiny_model, clean, corrupted, [], "q", "END")
+    out = pp.path_patching(tiny_model, clean, corrupted, [], "q", "END")
     assert out.empty and {"layer", "head", "relative_change"} <= set(out.columns)

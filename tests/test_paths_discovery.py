@@ -183,7 +183,7 @@ def test_planted_circuit_is_found_exactly(planted):
     frames = []
 
     def recording(*args):
-        frames.append(_sweep(fast_paths.path_patch_sweep, model, clean, corrupted)(*args))
+        frames.append(_sweep(fast_paths.path_patching, model, clean, corrupted)(*args))
         return frames[-1]
 
     config = P.PathsConfig(logits_share=1e-3, queries_share=1e-3, values_share=1e-3, keys_share=1e-3)
@@ -202,8 +202,8 @@ def test_fast_sweeps_give_the_hook_references_table(planted):
     model, clean, corrupted = planted
     scores = head_scores(model, clean)
     config = P.PathsConfig(logits_share=1e-3, queries_share=1e-3, values_share=1e-3, keys_share=1e-3)
-    fast = P.paper_way_circuit(_sweep(fast_paths.path_patch_sweep, model, clean, corrupted), scores, config, EVERY_HEAD_PASSES)
-    slow = P.paper_way_circuit(_sweep(hooks_paths.path_patch_sweep, model, clean, corrupted), scores, config, EVERY_HEAD_PASSES)
+    fast = P.paper_way_circuit(_sweep(fast_paths.path_patching, model, clean, corrupted), scores, config, EVERY_HEAD_PASSES)
+    slow = P.paper_way_circuit(_sweep(hooks_paths.path_patching, model, clean, corrupted), scores, config, EVERY_HEAD_PASSES)
     pd.testing.assert_frame_equal(fast.drop(columns=["effect", "why"]), slow.drop(columns=["effect", "why"]))
     assert (fast.effect - slow.effect).abs().max() < 1e-4
 
@@ -212,7 +212,7 @@ def test_logits_threshold_splits_the_planted_heads(planted):
     """A logits share between two planted heads' |direct effects| keeps the stronger and not the
     weaker: the threshold is on |effect| as a share of the clean logit difference."""
     model, clean, corrupted = planted
-    sweep = _sweep(fast_paths.path_patch_sweep, model, clean, corrupted)
+    sweep = _sweep(fast_paths.path_patching, model, clean, corrupted)
     direct = sweep("logits", None, None, 0)
     effect = {(int(l), int(h)): abs(float(c)) for l, h, c in zip(direct.layer, direct["head"], direct.relative_change)}
     ranked = sorted(PLANTED, key=effect.get)
@@ -227,8 +227,8 @@ def test_logits_threshold_splits_the_planted_heads(planted):
 def test_first_layer_skips_only_the_earlier_senders(planted, receivers, receiver_input, position):
     """A sweep from `first_layer` gives the full sweep's rows for the senders it keeps."""
     model, clean, corrupted = planted
-    full = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position)
-    later = fast_paths.path_patch_sweep(model, clean, corrupted, receivers, receiver_input, position, first_layer=1)
+    full = fast_paths.path_patching(model, clean, corrupted, receivers, receiver_input, position)
+    later = fast_paths.path_patching(model, clean, corrupted, receivers, receiver_input, position, first_layer=1)
     pd.testing.assert_frame_equal(later, full[full.layer >= 1].reset_index(drop=True))
 
 

@@ -181,19 +181,18 @@ class Study:
     @_analysis
     def residual_patching(self) -> pd.DataFrame:
         """The residual stream before each layer at each named position (fast, exact)."""
-        frame = auto.resid_named_frame(self.model, self.clean, self.corrupted)
-        return self._normalised(frame)
+        return self._normalised(auto.residual_patching(self.model, self.clean, self.corrupted))
 
     @_analysis
     def layer_patching(self) -> pd.DataFrame:
         """Each layer's whole attention and MLP output, all positions."""
-        return self._normalised(auto.layer_out_frame(self.model, self.clean, self.corrupted))
+        return self._normalised(auto.layer_patching(self.model, self.clean, self.corrupted))
 
     @_analysis
     def head_patching(self, positions: str = "all") -> pd.DataFrame:
         """Each head's output patched at every position ("all") or at END only ("end"),
         computed by the fast exact engine where it is verified on the model (`ioi.engines.auto`)."""
-        return self._normalised(auto.head_out_frame(self.model, self.clean, self.corrupted, positions))
+        return self._normalised(auto.head_patching(self.model, self.clean, self.corrupted, positions))
 
     def _normalised(self, frame: pd.DataFrame) -> pd.DataFrame:
         clean_ld, corrupted_ld = self.clean_and_corrupted_logit_diff()
@@ -219,8 +218,7 @@ class Study:
     @_analysis(uses=("top_heads",))
     def head_input_patching(self) -> pd.DataFrame:
         """Queries, keys, values and patterns of the top heads, patched one at a time (fast, exact)."""
-        frame = auto.head_input_frame(self.model, self.clean, self.corrupted, self.top_heads())
-        return self._normalised(frame)
+        return self._normalised(auto.head_input_patching(self.model, self.clean, self.corrupted, self.top_heads()))
 
     # --- Head classes --------------------------------------------------------------------------
 
@@ -253,40 +251,40 @@ class Study:
     # --- Path patching -------------------------------------------------------------------------
 
     @_analysis(uses=("n_path",))
-    def path_sweep(self, receivers="logits", receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
+    def path_patching(self, receivers="logits", receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
         """Every head before the receivers (from `first_layer` on) as the sender of one
         path-patching sweep (fast, exact). The named sweeps below and the paper-way discovery
         share these results."""
         clean, corrupted = self.path_data
         if receivers != "logits":
             receivers = [tuple(r) for r in receivers]
-        return auto.path_patch_sweep(
+        return auto.path_patching(
             self.model, clean, corrupted, receivers, receiver_input or "q", receiver_position,
             first_layer=first_layer,
         )
 
-    def _sweep(self, receivers, receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
-        """`path_sweep` with receivers in one canonical form, so equal sweeps share a cache entry."""
+    def _path_patching(self, receivers, receiver_input=None, receiver_position=None, first_layer=0) -> pd.DataFrame:
+        """`path_patching` with receivers in one canonical form, so equal sweeps share a cache entry."""
         if receivers == "logits":
-            return self.path_sweep("logits", None, None, first_layer)
+            return self.path_patching("logits", None, None, first_layer)
         receivers = tuple(sorted((int(l), int(h)) for l, h in receivers))
-        return self.path_sweep(receivers, receiver_input, receiver_position, first_layer)
+        return self.path_patching(receivers, receiver_input, receiver_position, first_layer)
 
     def path_patching_to_logits(self) -> pd.DataFrame:
-        return self._sweep("logits")
+        return self._path_patching("logits")
 
     def path_patching_to_name_movers(self) -> pd.DataFrame:
         """Senders into the name movers' queries at END: finds the S-inhibition heads."""
-        return self._sweep(self.members("name mover"), "q", "END")
+        return self._path_patching(self.members("name mover"), "q", "END")
 
     def path_patching_to_s_inhibition(self) -> pd.DataFrame:
         """Senders into the S-inhibition heads' values at S2: finds induction and
         duplicate-token heads."""
-        return self._sweep(self.members("S-inhibition"), "v", "S2")
+        return self._path_patching(self.members("S-inhibition"), "v", "S2")
 
     def path_patching_to_induction(self) -> pd.DataFrame:
         """Senders into the induction heads' keys at S1+1: finds previous-token heads."""
-        return self._sweep(self.members("induction"), "k", "S1+1")
+        return self._path_patching(self.members("induction"), "k", "S1+1")
 
     # --- The circuit ---------------------------------------------------------------------------
 
@@ -303,7 +301,7 @@ class Study:
         effect, scores, check and whether it was kept (`ioi.circuits.paths_discovery`), for its
         steps up to `last_step`."""
         return paths_discovery.paper_way_circuit(
-            self._sweep, self.head_scores(), self.config.paths, classes.load_rules(), last_step)
+            self._path_patching, self.head_scores(), self.config.paths, classes.load_rules(), last_step)
 
     def paper_circuit(self) -> criteria.Circuit:
         return paths_discovery.to_circuit(self.paper_circuit_table())
@@ -313,7 +311,7 @@ class Study:
         it there (the discovery's own kept rows; on GPT-2 small, the paper's heads measured as the
         discovery would, unchecked: `paths_discovery.measured_paths`)."""
         if self.config.model == "gpt2-small":
-            return paths_discovery.measured_paths(self.circuit(), self._sweep)
+            return paths_discovery.measured_paths(self.circuit(), self._path_patching)
         table = self.paper_circuit_table()
         return table[table.kept].reset_index(drop=True)
 

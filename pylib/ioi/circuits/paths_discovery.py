@@ -27,7 +27,7 @@ Conventions (stated, not tuned on any model's results):
   path helps (effect >= share), as the paper's figures do.
 - Senders are all heads in layers before the last receiver, each patched into the receivers in
   later layers than its own (a head between two name movers can only reach the later one). That
-  is one `fast_paths.path_patch_sweep` per distinct receiver layer, each over only the sender
+  is one `fast_paths.path_patching` per distinct receiver layer, each over only the sender
   layers it owns (`first_layer`), so a step costs one sweep's worth of senders in all.
 - A head found again at a later step keeps its first class (its later row says so).
 - Mean-ablation positions follow data/circuits/wang2022_gpt2_small.json: END for name movers,
@@ -46,7 +46,7 @@ from ioi.circuits import classes
 from ioi.circuits.criteria import Circuit
 
 Head = tuple[int, int]
-# sweep(receivers, receiver_input, receiver_position, first_layer) -> a `fast_paths.path_patch_sweep`
+# sweep(receivers, receiver_input, receiver_position, first_layer) -> a `fast_paths.path_patching`
 # frame, senders from first_layer up to the first receiver's layer
 Sweep = Callable[..., pd.DataFrame]
 

@@ -1,4 +1,4 @@
-"""Exact path patching, fast: the sweep of `ioi.engines.hooks_paths.path_patch_sweep` without hooks.
+"""Exact path patching, fast: the sweep of `ioi.engines.hooks_paths.path_patching` without hooks.
 
 `ioi.engines.hooks_paths` runs, per sender head, two or three full hooked forwards of the bridge. Most
 of that work repeats the clean run. This module computes the same numbers from one clean and
@@ -65,7 +65,7 @@ def empty_sweep() -> pd.DataFrame:
                          "logit_diff": pd.Series(dtype=float), "relative_change": pd.Series(dtype=float)})
 
 
-def path_patch_sweep(
+def path_patching(
     model,
     clean: IOIDataset,
     corrupted: IOIDataset,
@@ -75,7 +75,7 @@ def path_patch_sweep(
     batch_size: int = 512,
     first_layer: int = 0,
 ) -> pd.DataFrame:
-    """`ioi.engines.hooks_paths.path_patch_sweep`, exactly (to float rounding), from cached forwards.
+    """`ioi.engines.hooks_paths.path_patching`, exactly (to float rounding), from cached forwards.
 
     Each head in layers before every receiver in turn as the single sender; one row per sender
     (layer, head, mean logit difference, change relative to the clean run). `batch_size` bounds
@@ -86,7 +86,7 @@ def path_patch_sweep(
     if receivers != "logits" and not receivers:
         return empty_sweep()
     if receivers != "logits" and receiver_input not in ("q", "k", "v"):
-        return hooks_paths.path_patch_sweep(
+        return hooks_paths.path_patching(
             model, clean, corrupted, receivers, receiver_input, receiver_position, first_layer
         )
     fast = as_fast(model)

@@ -2,24 +2,26 @@
 
 Run the model on the corrupted (ABC) prompts, and in one component at a time put back the
 activation it had on the clean prompts. If the logit difference comes back, that component
-carries information the task needs. We report the normalised metric: 0 is the corrupted run,
-1 the clean run. This is the "denoising" direction that `transformer_lens.patching` uses, and the
-results agree with it (tests/test_patching.py).
+carries information the task needs. This is the "denoising" direction that
+`transformer_lens.patching` uses, and the results agree with it (tests/test_hooks.py); the study
+reports them normalised, 0 the corrupted run and 1 the clean run (`Study._normalised`).
 
 One generic mechanism, `patch_sweep`, takes a hook name per layer and a small "setter" that
 writes the clean values into the corrupted activation for one index (a layer, a head, a
-position). The public sweeps are thin wrappers. Positions are named per prompt ("S2", "END", ...)
-because templates differ in length: "the S2 position" is a different index in each prompt.
+position). The experiments at the end are thin wrappers, with the names, arguments and output
+columns of their fast twins in `ioi.engines.fast`, so that `ioi.engines.auto` only chooses.
+Positions are named per prompt ("S2", "END", ...) because templates differ in length: "the S2
+position" is a different index in each prompt.
 
-These are the reference implementations, one forward pass per patched component. `ioi.engines.fast`
-computes the head-output and residual sweeps much faster, and is tested against these.
+These are the reference implementations, one forward pass per patched component. The fast
+engines compute the same experiments much faster, and are tested against these.
 """
 
 from __future__ import annotations
 
-import itertools
 from functools import partial
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -27,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ioi.dataset import IOIDataset
+from ioi.dataset import POSITIONS, IOIDataset
 from ioi.metrics import logit_diff
 
 Setter = Callable[[Tensor, Tensor, tuple, IOIDataset], Tensor]
@@ -142,75 +144,81 @@ def patch_sweep(
     items: Sequence[tuple],
     index_names: Sequence[str],
     desc: str = "patching",
-    runs: dict | None = None,
 ) -> pd.DataFrame:
-    """Patch each item (layer, *index) in turn; one row each with the mean logit difference and
-    the normalised metric. `runs` (from `clean_and_corrupted`) may be passed to share a cache."""
+    """Patch each item (layer, *index) in turn: one row each, (layer, *index_names, logit_diff)
+    with the mean logit difference of the patched run."""
     names = sorted({hook_name(item[0]) for item in items})
-    runs = runs or clean_and_corrupted(model, clean, corrupted, names)
+    _, clean_cache = run_with_cache(model, clean, names)
     rows = []
     for layer, *index in tqdm(items, desc=desc, leave=False):
-        clean_act = runs["clean_cache"][hook_name(layer)]
-        ld = patch_once(model, corrupted, hook_name(layer), clean_act, setter, tuple(index))
+        ld = patch_once(model, corrupted, hook_name(layer), clean_cache[hook_name(layer)], setter, tuple(index))
         rows.append({"layer": layer, **dict(zip(index_names, index)), "logit_diff": ld.mean().item()})
-    out = pd.DataFrame(rows)
-    out["patched_metric"] = (out.logit_diff - runs["corrupted_ld"]) / (runs["clean_ld"] - runs["corrupted_ld"])
-    return out
+    return pd.DataFrame(rows, columns=["layer", *index_names, "logit_diff"])
 
 
 def _every_layer(model, indices) -> list[tuple]:
     return [(layer, *index) for layer in range(model.cfg.n_layers) for index in indices]
 
 
-# --- The public sweeps ----------------------------------------------------------------------
+# --- The experiments (the same names, arguments and columns as `ioi.engines.fast`'s) -----------
 
 
-def patch_residual(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2", "END"), **kw):
-    """The residual stream before each layer, at each named (or absolute) position."""
+
+def residual_patching(model, clean, corrupted, positions: Sequence[str | int] = POSITIONS) -> pd.DataFrame:
+    """The residual stream before each layer, at each named (or absolute) position:
+    (layer, position, logit_diff)."""
     return patch_sweep(
         model, clean, corrupted, lambda l: f"blocks.{l}.hook_resid_pre", set_position,
-        _every_layer(model, [(p,) for p in positions]), ["position"], "residual stream", **kw,
+        _every_layer(model, [(p,) for p in positions]), ["position"], "residual stream",
     )
 
 
-def patch_layer_outputs(model, clean, corrupted, component: str = "attn", **kw):
-    """A whole layer's attention output (`attn`) or MLP output (`mlp`), at every position."""
-    hook = {"attn": "hook_attn_out", "mlp": "hook_mlp_out"}[component]
-    out = patch_sweep(
-        model, clean, corrupted, lambda l: f"blocks.{l}.{hook}", set_all, _every_layer(model, [()]), [],
-        f"{component} outputs", **kw,
-    )
-    return out.assign(component=component)
+def layer_patching(model, clean, corrupted) -> pd.DataFrame:
+    """Each layer's whole attention output, then each whole MLP output, at every position:
+    (layer, component, logit_diff) with component "attn" or "mlp"."""
+    frames = []
+    for component in ("attn", "mlp"):
+        frame = patch_sweep(
+            model, clean, corrupted, lambda l: f"blocks.{l}.hook_{component}_out", set_all,
+            _every_layer(model, [()]), [], f"{component} outputs",
+        )
+        frames.append(frame.assign(component=component)[["layer", "component", "logit_diff"]])
+    return pd.concat(frames, ignore_index=True)
 
 
-def _head_sweep(activation: str, model, clean, corrupted, heads=None, **kw):
-    """Each head's `activation` at every position; `heads` (layer, head) limits the sweep."""
-    n_heads = model.cfg.n_heads
-    if activation in ("k", "v"):  # grouped-query attention has fewer key/value heads
-        n_heads = getattr(model.cfg, "n_key_value_heads", None) or n_heads
-        if heads is not None:
-            heads = sorted({(l, h // (model.cfg.n_heads // n_heads)) for l, h in heads})
-    setter = set_head_pattern if activation == "pattern" else set_head
-    items = heads if heads is not None else _every_layer(model, [(h,) for h in range(n_heads)])
-    out = patch_sweep(
-        model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_{activation}", setter,
-        items, ["head"], f"head {activation}", **kw,
-    )
-    return out.assign(activation=activation)
-
-
-patch_head_outputs = partial(_head_sweep, "z")
-patch_head_queries = partial(_head_sweep, "q")
-patch_head_keys = partial(_head_sweep, "k")
-patch_head_values = partial(_head_sweep, "v")
-patch_head_patterns = partial(_head_sweep, "pattern")
-
-
-def patch_head_outputs_by_position(model, clean, corrupted, positions=("S1", "S1+1", "S2", "END"), **kw):
-    """Each head's output at one named position at a time."""
-    heads = range(model.cfg.n_heads)
+def head_patching(model, clean, corrupted, positions: Literal["all", "end"] = "all") -> pd.DataFrame:
+    """Each head's output (`hook_z`) at every position or at each prompt's END only:
+    (layer, head, logit_diff)."""
+    setter = set_head if positions == "all" else partial(_at_end, set_head_position)
     return patch_sweep(
-        model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_z", set_head_position,
-        _every_layer(model, list(itertools.product(heads, positions))), ["head", "position"],
-        "heads by position", **kw,
+        model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_z", setter,
+        _every_layer(model, [(h,) for h in range(model.cfg.n_heads)]), ["head"], f"head outputs ({positions})",
     )
+
+
+def _at_end(setter: Setter, act: Tensor, clean: Tensor, index: tuple, dataset: IOIDataset) -> Tensor:
+    return setter(act, clean, (*index, "END"), dataset)
+
+
+def head_input_patching(
+    model, clean, corrupted, heads: Sequence[tuple[int, int]] | None = None, activations: Sequence[str] = ("q", "k", "v", "pattern"),
+) -> pd.DataFrame:
+    """Each of `heads`' (layer, query head; None: every head) queries, keys, values and attention
+    pattern at every position, one at a time: (layer, head, activation, logit_diff). Keys and
+    values are reported per key/value head, once per group: under grouped-query attention
+    patching one changes every query head of its group."""
+    frames = []
+    for activation in activations:
+        n_heads = model.cfg.n_heads
+        items = heads
+        if activation in ("k", "v"):
+            n_heads = getattr(model.cfg, "n_key_value_heads", None) or n_heads
+            if heads is not None:
+                items = sorted({(l, h // (model.cfg.n_heads // n_heads)) for l, h in heads})
+        items = list(items) if items is not None else _every_layer(model, [(h,) for h in range(n_heads)])
+        frame = patch_sweep(
+            model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_{activation}",
+            set_head_pattern if activation == "pattern" else set_head, items, ["head"], f"head {activation}",
+        )
+        frames.append(frame.assign(activation=activation)[["layer", "head", "activation", "logit_diff"]])
+    return pd.concat(frames, ignore_index=True)

@@ -132,7 +132,7 @@ def _z_cache(model, dataset: IOIDataset) -> dict:
     return {name: cache[name] for name in _z_hooks(model)}
 
 
-def path_patch_sweep(
+def path_patching(
     model,
     clean: IOIDataset,
     corrupted: IOIDataset,

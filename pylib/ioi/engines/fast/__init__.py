@@ -55,9 +55,9 @@ __all__ = [  # what the other engines, the analyses and the tests use
     "as_fast", "from_bridge", "is_gemma3", "Cache", "FastModel", "Layer", "Positions", "attend", "attention_pattern",
     "attn_input", "block", "EDITABLE", "embed", "end_logit_diff", "head_out", "head_out_changes", "keys_values",
     "logit_diff_at", "logits", "mlp", "mlp_input", "norm", "queries", "rotate", "run_rows", "run_with_cache", "Task",
-    "cached_runs", "first_change", "length_groups", "prepare", "reuse_last", "HeadInput", "head_input_frame",
-    "head_input_sweep", "head_out_frame", "head_out_sweep", "layer_out_frame", "layer_out_sweep", "resid_frame",
-    "resid_named_frame", "resid_named_sweep", "resid_sweep", "sweep_frame", "_act", "_resid_mid_patched",
+    "cached_runs", "first_change", "length_groups", "prepare", "reuse_last", "HeadInput", "HEAD_INPUTS",
+    "head_input_patching", "head_input_sweep", "head_out_sweep", "head_patching", "layer_out_sweep",
+    "layer_patching", "resid_named_sweep", "resid_sweep", "residual_patching", "_act", "_resid_mid_patched",
     "_resid_pre_patched",
 ]
 
@@ -71,6 +71,6 @@ from ioi.engines.fast.reuse import (
     Task, _resid_mid_patched, _resid_pre_patched, cached_runs, first_change, length_groups, prepare, reuse_last,
 )
 from ioi.engines.fast.sweeps import (
-    HeadInput, head_input_frame, head_input_sweep, head_out_frame, head_out_sweep, layer_out_frame, layer_out_sweep,
-    resid_frame, resid_named_frame, resid_named_sweep, resid_sweep, sweep_frame,
+    HEAD_INPUTS, HeadInput, head_input_patching, head_input_sweep, head_out_sweep, head_patching,
+    layer_out_sweep, layer_patching, resid_named_sweep, resid_sweep, residual_patching,
 )

@@ -9,6 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ioi.dataset import POSITIONS
 from ioi.engines.fast.model import (
     Positions, attend, attention_pattern, attn_input, head_out, head_out_changes, queries,
 )
@@ -104,7 +105,7 @@ def layer_out_sweep(
     per_prompt: bool = False,
 ) -> Float[Tensor, "layer *batch"]:
     """Logit difference at END after patching a whole layer's clean attention or MLP output
-    into the corrupted run at every position (as `ioi.engines.hooks.patch_layer_outputs`)."""
+    into the corrupted run at every position (as `ioi.engines.hooks.layer_patching`)."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast, clean, corrupted = task.fast, task.clean, task.corrupted
     out = torch.empty(fast.n_layers, task.batch, dtype=fast.W_E.dtype)
@@ -137,7 +138,7 @@ def head_input_sweep(
 ) -> Float[Tensor, "item *batch"]:
     """Logit difference at END after patching one head's clean queries, keys, values or
     attention pattern into the corrupted run at every position, for each (layer, head) in
-    `heads` (as `ioi.engines.hooks.patch_head_queries`, ...). Keys and values are indexed by key/value
+    `heads` (as `ioi.engines.hooks.head_input_patching`). Keys and values are indexed by key/value
     head: under grouped-query attention patching one changes every query head of its group."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     fast = task.fast
@@ -169,40 +170,6 @@ def _attention_with_clean(task: Task, i: int, prompts: Tensor, activation: HeadI
     return attend(attention_pattern(fast, layer, q, k, pos), v)
 
 
-# --- Tidy results for the report -------------------------------------------------------------
-
-
-def sweep_frame(values: Float[Tensor, "layer component"], component: Literal["head", "pos"]) -> pd.DataFrame:
-    """A [layer, head] or [layer, pos] sweep as rows (layer, head | pos, logit_diff)."""
-    layers, comps = torch.meshgrid(
-        torch.arange(values.shape[0]), torch.arange(values.shape[1]), indexing="ij"
-    )
-    return pd.DataFrame(
-        {
-            "layer": layers.flatten().numpy(),
-            component: comps.flatten().numpy(),
-            "logit_diff": values.detach().flatten().double().numpy(),
-        }
-    )
-
-
-def head_out_frame(model, clean, corrupted, positions: Positions = "all", **kwargs) -> pd.DataFrame:
-    """`head_out_sweep` on two `IOIDataset`s, as a tidy frame (layer, head, logit_diff)."""
-    values = head_out_sweep(
-        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token,
-        positions=positions, **kwargs,
-    )
-    return sweep_frame(values, "head")
-
-
-def resid_frame(model, clean, corrupted, **kwargs) -> pd.DataFrame:
-    """`resid_sweep` on two `IOIDataset`s, as a tidy frame (layer, pos, logit_diff)."""
-    values = resid_sweep(
-        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, **kwargs
-    )
-    return sweep_frame(values, "pos")
-
-
 @torch.inference_mode()
 def resid_named_sweep(
     model_or_fast,
@@ -216,55 +183,77 @@ def resid_named_sweep(
 ) -> Float[Tensor, "layer name *batch"]:
     """Logit difference at END after patching the clean residual stream before each layer into
     the corrupted run at each prompt's own position `positions[name, prompt]` (its S2, its END,
-    ...). Rows are carried from the earliest of those positions, so a late position (END) costs
+    ..., or an absolute position, after END in a shorter prompt). Rows are carried from the earliest of those positions, so a late position (END) costs
     a fraction of an early one."""
     task = prepare(model_or_fast, clean_tokens, corrupted_tokens, end, io_token, s_token)
     out = torch.empty(task.fast.n_layers, len(positions), task.batch, dtype=task.fast.W_E.dtype)
+    unpatched = _unpatched(task)
     for prompts in length_groups(task.end):  # so that a patch at END carries END alone
         rows = torch.arange(len(prompts))
-        for layer in range(task.fast.n_layers):
-            for i, at in enumerate(positions[:, prompts]):
+        for i, at in enumerate(positions[:, prompts]):
+            beyond = at > task.end[prompts]  # an absolute position after END changes nothing read there
+            at = torch.minimum(at, task.end[prompts])
+            for layer in range(task.fast.n_layers):
                 patched = task.corrupted.resid_pre[layer][prompts]
                 patched[rows, at] = task.clean.resid_pre[layer][prompts, at]
-                out[layer, i, prompts] = _resid_pre_patched(task, layer, prompts, patched[None], int(at.min()))[0]
+                value = _resid_pre_patched(task, layer, prompts, patched[None], int(at.min()))[0]
+                out[layer, i, prompts] = torch.where(beyond, unpatched[prompts], value)
     return out if per_prompt else out.mean(-1)
 
 
-def resid_named_frame(model, clean, corrupted, positions=("IO", "S1", "S1+1", "S2", "END")) -> pd.DataFrame:
-    """`resid_named_sweep` on two `IOIDataset`s at their named positions, as a tidy frame
-    (layer, position, logit_diff); the same experiment as `ioi.engines.hooks.patch_residual`."""
-    at = torch.stack([clean.positions[name] for name in positions])
-    values = resid_named_sweep(
-        model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token, at
-    )
+# --- The experiments: the names, arguments and columns of `ioi.engines.hooks`' references ------
+
+HEAD_INPUTS: tuple[HeadInput, ...] = ("q", "k", "v", "pattern")
+
+
+def _args(clean, corrupted) -> tuple:
+    return (clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+
+
+def residual_patching(model, clean, corrupted, positions=POSITIONS) -> pd.DataFrame:
+    """`resid_named_sweep` at each prompt's named (or an absolute) position:
+    (layer, position, logit_diff)."""
+    at = torch.stack([clean.positions[p] if isinstance(p, str) else torch.full_like(clean.end, p) for p in positions])
+    values = resid_named_sweep(model, *_args(clean, corrupted), at)
     return pd.DataFrame(
-        [{"layer": layer, "position": name, "logit_diff": values[layer, i].item()}
-         for layer in range(values.shape[0]) for i, name in enumerate(positions)]
+        [{"layer": layer, "position": p, "logit_diff": values[layer, i].item()}
+         for layer in range(values.shape[0]) for i, p in enumerate(positions)]
     )
 
 
-def layer_out_frame(model, clean, corrupted) -> pd.DataFrame:
-    """`layer_out_sweep` for attention and MLP outputs, as a tidy frame (layer, logit_diff,
-    component) like `ioi.engines.hooks.patch_layer_outputs`."""
-    args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
+def layer_patching(model, clean, corrupted) -> pd.DataFrame:
+    """`layer_out_sweep` of attention then MLP outputs: (layer, component, logit_diff)."""
     frames = []
     for component in ("attn", "mlp"):
-        values = layer_out_sweep(*args, component=f"{component}_out")
-        frames.append(pd.DataFrame({"layer": range(len(values)), "logit_diff": values.double().numpy(),
-                                    "component": component}))
+        values = layer_out_sweep(model, *_args(clean, corrupted), component=f"{component}_out")
+        frames.append(pd.DataFrame({"layer": range(len(values)), "component": component,
+                                    "logit_diff": values.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
 
 
-def head_input_frame(model, clean, corrupted, heads: list[tuple[int, int]]) -> pd.DataFrame:
-    """`head_input_sweep` of queries, keys, values and patterns of `heads` (query heads; keys
-    and values are reported per key/value head, once per group), as a tidy frame (layer, head,
-    logit_diff, activation) like the `ioi.engines.hooks.patch_head_*` sweeps."""
-    args = (model, clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
-    group = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+def head_patching(model, clean, corrupted, positions: Positions = "all") -> pd.DataFrame:
+    """`head_out_sweep`: (layer, head, logit_diff)."""
+    values = head_out_sweep(model, *_args(clean, corrupted), positions=positions)
+    layers, heads = torch.meshgrid(torch.arange(values.shape[0]), torch.arange(values.shape[1]), indexing="ij")
+    return pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy(),
+                         "logit_diff": values.flatten().double().numpy()})
+
+
+def head_input_patching(model, clean, corrupted, heads=None, activations=HEAD_INPUTS) -> pd.DataFrame:
+    """`head_input_sweep` of `heads`' (layer, query head; None: every head) inputs:
+    (layer, head, activation, logit_diff), keys and values per key/value head, once per group."""
+    cfg = model.cfg
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     frames = []
-    for activation in ("q", "k", "v", "pattern"):
-        items = sorted({(l, h // group) for l, h in heads}) if activation in ("k", "v") else list(heads)
-        values = head_input_sweep(*args, activation=activation, heads=items)
+    for activation in activations:
+        n = n_kv if activation in ("k", "v") else cfg.n_heads
+        if heads is None:
+            items = [(l, h) for l in range(cfg.n_layers) for h in range(n)]
+        elif activation in ("k", "v"):
+            items = sorted({(l, h // (cfg.n_heads // n_kv)) for l, h in heads})
+        else:
+            items = [tuple(h) for h in heads]
+        values = head_input_sweep(model, *_args(clean, corrupted), activation=activation, heads=items)
         frames.append(pd.DataFrame({"layer": [l for l, _ in items], "head": [h for _, h in items],
-                                    "logit_diff": values.double().numpy(), "activation": activation}))
+                                    "activation": activation, "logit_diff": values.double().numpy()}))
     return pd.concat(frames, ignore_index=True)
