@@ -319,7 +319,7 @@ def test_attention_in_html_is_interactive(frames, tmp_path, monkeypatch):
 def test_html_charts_carry_the_vega_bundle_once_and_load_nothing(frames, tmp_path, monkeypatch):
     """In HTML a chart is drawn by the Vega bundle inlined before the first chart: no CDN."""
     _execute_info(tmp_path, monkeypatch, "html")
-    monkeypatch.setattr(figures, "_bundle_sent", False)
+    alt.renderers.register(figures.OFFLINE_RENDERER, figures.OfflineRenderer())  # a fresh document
     first, second = (figures.show(figures.logit_lens(frames["lens"]))._repr_mimebundle_() for _ in range(2))
     first, second = (b[0] if isinstance(b, tuple) else b for b in (first, second))
     assert set(first) == {"text/markdown"}  # text/html would make Quarto load require.js from a CDN

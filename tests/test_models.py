@@ -100,20 +100,23 @@ def test_weight_processing_without_copies_is_the_same(build, tmp_path):
     assert {name: ProcessWeights.__dict__[name] for name in models.COPYING_STEPS} == steps
 
 
-def test_loaded_models_are_kept_until_released(monkeypatch):
-    """load_model loads a name once; `release` forgets it (the next call loads it afresh) and
-    leaves the others loaded; at most MAX_LOADED are kept, the least recently used dropped."""
+def test_a_study_holds_its_model_until_released(tiny_dir, monkeypatch):
+    """A study loads its model once, on first use, and holds it; `release_model` lets it go (the
+    next use loads it afresh); another study loads its own."""
+    import weakref
+
+    from ioi import study as study_module
+
     loads = []
-    monkeypatch.setattr(models, "_loaded", {})
-    fake = type("FakeBridge", (models.TransformerBridge,), {"__init__": lambda self: None})  # passes the type check
-    monkeypatch.setattr(models, "_load_model", lambda name, device, dtype: loads.append(name) or fake())
-    a = models.load_model("a")
-    assert models.load_model("a") is a and loads == ["a"]
-    models.load_model("b")
-    models.release("a")
-    assert not models.is_loaded("a") and models.is_loaded("b")
-    assert models.load_model("a") is not a and loads == ["a", "b", "a"]
-    models.load_model("c"), models.load_model("d")  # kept: b, a, c, d
-    models.load_model("b")  # used again: now the most recent
-    models.load_model("e")  # one too many: the least recently used, a, goes
-    assert [k[0] for k in models._loaded] == ["c", "d", "b", "e"] and loads == ["a", "b", "a", "c", "d", "e"]
+    monkeypatch.setattr(study_module, "load_model", lambda name, device: loads.append(name) or models.load_model(name, device))
+    monkeypatch.setenv("IOI_NO_CACHE", "1")  # so that building the study needs the model
+    study = study_module.Study(study_module.StudyConfig(model=tiny_dir, n=4))
+    first = study.model
+    assert study.model is first and loads == [tiny_dir]
+    gone = weakref.ref(first)
+    study.release_model()
+    del first
+    assert gone() is None  # nothing else held it
+    assert study.model is not None and loads == [tiny_dir, tiny_dir]
+    study_module.Study(study.config).model
+    assert loads == [tiny_dir] * 3

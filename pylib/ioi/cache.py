@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import tempfile
-import weakref
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from ioi.dataset import DATA_DIR, IOIDataset
 from ioi.weights import cache_root
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-_model_digests: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _hash(*parts) -> str:
@@ -42,14 +40,13 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def model_fingerprint(model) -> str:
-    """The model's name and a digest of all its weights (computed once per model object)."""
-    if model not in _model_digests:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(_tensor_bytes(tensor))
-        _model_digests[model] = digest.hexdigest()
-    return f"{getattr(model, 'ioi_name', type(model).__name__)}:{_model_digests[model]}"
+    """The model's name and a digest of all its weights: for a model built in memory, which has
+    no files to digest (`ioi.weights.fingerprint`); a study computes it once, with its inputs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensor))
+    return f"{getattr(model, 'ioi_name', type(model).__name__)}:{digest.hexdigest()}"
 
 
 def dataset_fingerprint(dataset: IOIDataset) -> str:

@@ -35,7 +35,6 @@ from ioi import claims_table
 from ioi.circuits import criteria
 from ioi.dataset import load_distribution
 from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci
-from ioi.models import release
 from ioi.weights import KNOWN_MODELS, ModelUnavailableError
 from ioi.study import Study, StudyConfig
 
@@ -74,14 +73,13 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
     of `SIZE_CLAIMS`, with its 95% CI where one exists and its verdict; a model that cannot be
     loaded is one row with status "skipped" and the reason. Everything but the model is fixed:
     the prompts (n, seed, the "mixed" templates, the model's BOS convention), the class
-    definitions and the claims' rules. One model is held in memory at a time: those loaded before
-    the sweep are released first (an analysis that needs one again loads it again), and each size
-    after its rows; a size whose results are all cached is never loaded (`ioi.study`)."""
+    definitions and the claims' rules. The sweep holds one of its models at a time: each size is
+    released after its rows (a caller holding other studies' models releases them first:
+    `Study.release_model`); a size whose results are all cached is never loaded (`ioi.study`)."""
     for name in models:
         _check_model_name(name)
     rows = []
     for name in tqdm(models, desc="size sweep"):
-        release()  # before the next model: the largest take GBs
         start = time.perf_counter()
         facts = MODELS.get(name, ModelFacts(name, float("nan")))
         base = {"model": name, "family": facts.family, "n_params": facts.n_params}
@@ -91,9 +89,9 @@ def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 
             rows.append({**base, "status": "skipped", "reason": str(error).split("\n")[0]})
             continue
         measured = model_rows(study)
+        study.release_model()  # before the next size: the largest take GBs
         seconds = round(time.perf_counter() - start, 2)
         rows += [{**base, **row, "seconds": seconds} for row in measured]
-    release()
     return pd.DataFrame(rows, columns=SIZE_COLUMNS)
 
 

@@ -32,37 +32,13 @@ from ioi.weights import ModelUnavailableError, gpt2_tokenizer_directory, source
 
 RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on the random models are repeatable
 
-# The models loaded in this process, by (name, device, dtype), at most MAX_LOADED of them, the
-# least recently used dropped first; `release` drops one at once (a 1.5B model holds 7 GB).
-_loaded: dict[tuple, TransformerBridge] = {}
-MAX_LOADED = 4
-
-
 def load_model(
     name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> TransformerBridge:
     """A `TransformerBridge` for `name` (see `ioi.weights.KNOWN_MODELS`, or a local directory), in
-    compatibility mode, in eval mode, on `device` and in `dtype`. Loaded once per process."""
-    key = (str(name), str(device), dtype)
-    if key not in _loaded:
-        _loaded[key] = _load_model(*key)
-        while len(_loaded) > MAX_LOADED:
-            _loaded.pop(next(iter(_loaded)))
-    _loaded[key] = _loaded.pop(key)  # the most recently used last
-    return _loaded[key]
-
-
-def is_loaded(name: str) -> bool:
-    return any(key[0] == str(name) for key in _loaded)
-
-
-def release(name: str | None = None) -> None:
-    """Forget the loaded copies of `name` (of every model if None), so that their memory goes
-    once nothing else holds them."""
-    for key in [k for k in _loaded if name is None or k[0] == str(name)]:
-        del _loaded[key]
-    gc.collect()
-    return_free_memory()
+    compatibility mode, in eval mode, on `device` and in `dtype`, loaded afresh: whoever loads
+    it holds it (a `Study` holds its model until `Study.release_model`)."""
+    return _load_model(str(name), str(device), dtype)
 
 
 def return_free_memory() -> None:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
@@ -97,7 +99,9 @@ def _freeing(result):
 
 class Study:
     def __init__(self, config: StudyConfig = StudyConfig()):
-        inputs = _inputs(config)
+        self._model = None  # loaded on first use (`model`), held until `release_model`
+        self._load = functools.partial(load_model, config.model, config.device)
+        inputs = _inputs(config, lambda: self.model)
         self.config: StudyConfig = inputs["config"]  # prepend_bos resolved
         self.clean, self.corrupted = inputs["clean"], inputs["corrupted"]
         self.shape: dict = inputs["shape"]  # n_layers, n_heads, n_params
@@ -107,8 +111,17 @@ class Study:
 
     @property
     def model(self):
-        """The model, loaded on first use (`ioi.models.load_model` keeps it for the process)."""
-        return load_model(self.config.model, self.config.device)
+        """The model, loaded on first use and held by this study until `release_model`."""
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def release_model(self) -> None:
+        """Let the model go (a 1.5B model holds 7 GB) and hand its memory back; an analysis that
+        needs it again loads it again."""
+        self._model = None
+        gc.collect()
+        return_free_memory()
 
     @property
     def path_data(self):
@@ -445,7 +458,7 @@ class Study:
         return s_inhibition.position_token(self.model, self.clean, self.model.tokenizer, list(senders), list(movers))
 
 
-def _inputs(config: StudyConfig) -> dict:
+def _inputs(config: StudyConfig, load: Callable[[], object]) -> dict:
     """What a study needs before any analysis: its config with the BOS convention resolved, the
     clean and ABC datasets, the model's shape, and the model's fingerprint that keys every result:
     the digest of the files it loads from (`ioi.weights.fingerprint`; the loaded model is a
@@ -454,14 +467,14 @@ def _inputs(config: StudyConfig) -> dict:
     is loaded, and its weights digested instead."""
     params = {"config": {f: getattr(config, f) for f in ("model", "n", "seed", "templates", "prepend_bos")}}
     files = fingerprint(config.model)
-    compute = functools.partial(_inputs_from_model, config, files)
+    compute = functools.partial(_inputs_from_model, config, files, load)
     return compute() if files is None else cached("study_inputs", compute, params, files)
 
 
-def _inputs_from_model(config: StudyConfig, files: str | None) -> dict:
+def _inputs_from_model(config: StudyConfig, files: str | None, load: Callable[[], object]) -> dict:
     from ioi.engines.check import unsupported_features
 
-    model = load_model(config.model, config.device)
+    model = load()
     if config.prepend_bos is None:
         config = dataclasses.replace(config, prepend_bos=trained_with_bos(model))
     clean = make_dataset(model.tokenizer, config.n, config.seed, config.templates, config.prepend_bos)

@@ -27,16 +27,33 @@ from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
 
 
-def logit_diff_directions(model, dataset: IOIDataset) -> Float[Tensor, "batch d_model"]:
-    """W_U[:, IO] - W_U[:, S] for each prompt."""
-    return (model.W_U[:, dataset.io_token] - model.W_U[:, dataset.s_token]).T
+def logit_diff_directions(weights: fast.FastModel, dataset: IOIDataset) -> Float[Tensor, "batch d_model"]:
+    """W_U[:, IO] - W_U[:, S] for each prompt, times the final norm's weight where processing
+    did not fold it into W_U (Gemma 3)."""
+    direction = (weights.W_U[:, dataset.io_token] - weights.W_U[:, dataset.s_token]).T
+    if weights.final_norm_w is not None:
+        direction = direction * (weights.norm_offset + weights.final_norm_w)
+    return direction
 
 
-def apply_norm(model, x: Float[Tensor, "batch ... d_model"], scale: Float[Tensor, " batch"]):
-    """What a norm (weight folded away) does to one component of a sum, given the sum's scale."""
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        x = x - x.mean(-1, keepdim=True)
-    return x / scale.reshape(-1, *([1] * (x.ndim - 1)))
+def _centred(weights: fast.FastModel, x: Float[Tensor, "batch ... d_model"]) -> Tensor:
+    """LayerNorm subtracts each vector's mean; RMSNorm does not."""
+    return x - x.mean(-1, keepdim=True) if weights.norm_type == "LN" else x
+
+
+def final_norm(
+    weights: fast.FastModel, x: Float[Tensor, "batch ... d_model"], total: Float[Tensor, "batch d_model"]
+) -> Float[Tensor, "batch ... d_model"]:
+    """What the final norm (its weight aside) does to `x`, one part of the residual stream
+    `total`: centre it, and divide it by the scale the norm computes for `total`, frozen. With
+    x = total, the norm itself."""
+    centred = _centred(weights, total)
+    scale = torch.rsqrt(centred.pow(2).mean(-1) + weights.eps)
+    return _centred(weights, x) * scale.view(-1, *[1] * (x.ndim - 1))
+
+
+def _bias(weights: fast.FastModel, dataset: IOIDataset) -> Float[Tensor, " batch"]:
+    return weights.b_U[dataset.io_token] - weights.b_U[dataset.s_token]
 
 
 @torch.inference_mode()
@@ -58,16 +75,10 @@ def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.Data
     at = torch.arange(len(dataset)), dataset.end
     resid = [cache[f"blocks.{l}.hook_resid_pre"][at] for l in range(n_layers)]
     resid.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][at])
-    direction = (weights.W_U[:, dataset.io_token] - weights.W_U[:, dataset.s_token]).T
-    if weights.final_norm_w is not None:  # a final norm weight that processing did not fold (Gemma 3)
-        direction = direction * (weights.norm_offset + weights.final_norm_w)
-    centred = weights.norm_type == "LN"  # LayerNorm subtracts each vector's mean; RMSNorm does not
-    final = resid[-1] - resid[-1].mean(-1, keepdim=True) if centred else resid[-1]
-    final_scale = torch.rsqrt(final.pow(2).mean(-1) + weights.eps)
+    direction = logit_diff_directions(weights, dataset)
 
     def share(x: Tensor) -> Tensor:  # x: [batch, ..., d_model] at END
-        x = x - x.mean(-1, keepdim=True) if centred else x
-        return torch.einsum("b...d,bd->b...", x * final_scale.view(-1, *[1] * (x.ndim - 1)), direction)
+        return torch.einsum("b...d,bd->b...", final_norm(weights, x, resid[-1]), direction)
 
     frames = [_frame(dataset, "embed", -1, -1, share(resid[0]))]
     for layer, lw in enumerate(weights.layers):
@@ -79,7 +90,10 @@ def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.Data
         attention = (per_head.sum(1) + lw.b_O) * gain
         frames.append(_frame(dataset, "attn_bias", layer, -1, share(lw.b_O * gain)))
         frames.append(_frame(dataset, "mlp", layer, -1, share(resid[layer + 1] - resid[layer] - attention)))
-    return _finish(model, dataset, frames, logits, weights.b_U)
+    frames.append(_frame(dataset, "unembed_bias", -1, -1, _bias(weights, dataset)))
+    out = pd.concat(frames, ignore_index=True)
+    _check_decomposes(model, out, logit_diff(logits, dataset))
+    return out
 
 
 def _post_norm_gain(weights, layer, attention: Float[Tensor, "batch d_model"]) -> Tensor:
@@ -88,16 +102,6 @@ def _post_norm_gain(weights, layer, attention: Float[Tensor, "batch d_model"]) -
     if layer.attn_post_norm_w is None:
         return torch.ones_like(attention)
     return torch.rsqrt(attention.pow(2).mean(-1, keepdim=True) + weights.eps) * (weights.norm_offset + layer.attn_post_norm_w)
-
-
-def _finish(model, dataset: IOIDataset, frames: list[pd.DataFrame], logits: Tensor, b_U=None) -> pd.DataFrame:
-    """The unembedding bias's row, and the check that every prompt's rows add up."""
-    if b_U is None:
-        b_U = model.b_U if model.b_U is not None else torch.zeros(model.cfg.d_vocab)
-    frames.append(_frame(dataset, "unembed_bias", -1, -1, b_U[dataset.io_token] - b_U[dataset.s_token]))
-    out = pd.concat(frames, ignore_index=True)
-    _check_decomposes(model, out, logit_diff(logits, dataset))
-    return out
 
 
 def _check_decomposes(model, per_prompt: pd.DataFrame, logit_diffs: Tensor) -> None:
@@ -156,23 +160,15 @@ def layer_attributions(model, dataset: IOIDataset, seed: int = 0) -> pd.DataFram
 
 @torch.inference_mode()
 def logit_lens(model, dataset: IOIDataset, seed: int = 0) -> pd.DataFrame:
-    """The logit difference read off the residual stream at END after each layer."""
+    """The logit difference read off the residual stream at END after each layer, through the
+    final norm and the unembedding (the last layer's reading is the model's)."""
+    weights = fast.as_fast(model)
     names = [f"blocks.{l}.hook_resid_post" for l in range(model.cfg.n_layers)]
     _, cache = run_with_cache(model, dataset, names)
-    rows_idx, direction = torch.arange(len(dataset)), logit_diff_directions(model, dataset)
-    b_U = model.b_U if model.b_U is not None else torch.zeros(model.cfg.d_vocab)
-    bias = b_U[dataset.io_token] - b_U[dataset.s_token]
+    at, direction = (torch.arange(len(dataset)), dataset.end), logit_diff_directions(weights, dataset)
     rows = []
     for layer, name in enumerate(names):
-        resid = cache[name][rows_idx, dataset.end]
-        normed = apply_norm(model, resid, norm_scale(model, resid))
-        values = (normed * direction).sum(-1) + bias
+        resid = cache[name][at]
+        values = (final_norm(weights, resid, resid) * direction).sum(-1) + _bias(weights, dataset)
         rows.append({"layer": layer, **summarise(values.double().numpy(), seed)})
     return pd.DataFrame(rows)
-
-
-def norm_scale(model, resid: Float[Tensor, "batch d_model"]) -> Float[Tensor, " batch"]:
-    """The scale a LayerNorm or RMSNorm computes for this vector."""
-    if model.cfg.normalization_type in ("LN", "LNPre"):
-        resid = resid - resid.mean(-1, keepdim=True)
-    return (resid.pow(2).mean(-1) + model.cfg.eps).sqrt()

@@ -85,22 +85,27 @@ def show(chart: alt.TopLevelMixin, static: str = "png"):
 # inline, and every chart after it only calls vegaEmbed on its own spec.
 
 OFFLINE_RENDERER = "ioi-offline"
-_bundle_sent = False  # one kernel renders one document (execute.daemon is off in _quarto.yml)
 
 
-def _offline_html(spec: dict, **_) -> dict:
-    global _bundle_sent
-    import uuid
+class OfflineRenderer:
+    """altair's renderer for one document: its first chart carries the bundle (one kernel renders
+    one document: execute.daemon is off in _quarto.yml)."""
 
-    import vl_convert as vlc
+    def __init__(self):
+        self.bundle_sent = False
 
-    div = f"vis-{uuid.uuid4().hex[:12]}"
-    bundle = "" if _bundle_sent else f"<script>{_inline_js(vlc.javascript_bundle())}</script>\n"
-    _bundle_sent = True
-    spec_js = _inline_js(json.dumps(spec))
-    html = (f'{bundle}<div id="{div}" class="ioi-vega"></div>\n'
-            f'<script>vegaEmbed("#{div}", {spec_js}, {{"actions": false}}).catch(console.error);</script>')
-    return {"text/markdown": raw_html(html)}
+    def __call__(self, spec: dict, **_) -> dict:
+        import uuid
+
+        import vl_convert as vlc
+
+        div = f"vis-{uuid.uuid4().hex[:12]}"
+        bundle = "" if self.bundle_sent else f"<script>{_inline_js(vlc.javascript_bundle())}</script>\n"
+        self.bundle_sent = True
+        spec_js = _inline_js(json.dumps(spec))
+        html = (f'{bundle}<div id="{div}" class="ioi-vega"></div>\n'
+                f'<script>vegaEmbed("#{div}", {spec_js}, {{"actions": false}}).catch(console.error);</script>')
+        return {"text/markdown": raw_html(html)}
 
 
 def raw_html(html: str) -> str:
@@ -118,7 +123,7 @@ def _inline_js(code: str) -> str:
     return code.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
 
 
-alt.renderers.register(OFFLINE_RENDERER, _offline_html)
+alt.renderers.register(OFFLINE_RENDERER, OfflineRenderer())
 
 
 class InlineHTML:

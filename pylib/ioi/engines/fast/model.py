@@ -14,7 +14,7 @@ prompt against another run's cached keys and values: the step every sweep repeat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -82,6 +82,8 @@ class FastModel:
     final_norm_w: Float[Tensor, " d_model"] | None = None
     norm_offset: float = 0.0
     attn_scale: float | None = None  # None: sqrt(d_head)
+    # the one result `reuse.reuse_last` keeps for this model (the study's cached runs)
+    kept: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def n_layers(self) -> int:

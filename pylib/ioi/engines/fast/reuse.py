@@ -4,7 +4,6 @@ patch changes carried from its layer to the logit difference at END."""
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -48,27 +47,23 @@ def first_change(
     return int(differs[0]) if len(differs) else int(end.min())
 
 
-# The one result `reuse_last` keeps, whichever function computed it.
-_kept: dict = {}
-
-
 def reuse_last(compute):
     """Return `compute(fast, *tensors)`'s last result again while it is called with the same
     FastModel and equal tensors (compared by value, against copies). A study runs many sweeps on
     one clean/corrupted pair: they share its cached runs instead of each paying for them (two
-    forwards, seconds on a real model). One result is kept across every function so decorated,
-    and dropped before the next is computed, so it never adds to the memory of the next such
-    computation (it is held until then: a cache of a study's size, not of a sweep's). It refers to
-    its FastModel weakly and goes with it, so a released model's weights and runs are freed."""
+    forwards, seconds on a real model). The FastModel keeps one such result (`FastModel.kept`),
+    whichever function computed it, and drops it before the next is computed, so it never adds
+    to the memory of the next such computation: a cache of a study's size, not of a sweep's. It
+    goes with its FastModel, so a released model's runs are freed with its weights."""
 
     @functools.wraps(compute)
     def wrapper(fast: FastModel, *tensors: Tensor):
-        if not (_kept.get("compute") is compute and _kept["fast"]() is fast and _equal(_kept["tensors"], tensors)):
-            _kept.clear()
+        kept = fast.kept
+        if not (kept.get("compute") is compute and _equal(kept["tensors"], tensors)):
+            kept.clear()
             value = compute(fast, *tensors)
-            ref = weakref.ref(fast, lambda dead: _kept.clear() if _kept.get("fast") is dead else None)
-            _kept.update(compute=compute, fast=ref, tensors=tuple(t.clone() for t in tensors), value=value)
-        return _kept["value"]
+            kept.update(compute=compute, tensors=tuple(t.clone() for t in tensors), value=value)
+        return kept["value"]
 
     return wrapper
 
