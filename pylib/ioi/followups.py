@@ -68,6 +68,14 @@ SIZE_COLUMNS = ["model", "family", "n_params", "n_layers", "n_heads", "status", 
 # --- Follow-up 1: model size --------------------------------------------------------------------
 
 
+def release_models(*studies: Study | None) -> None:
+    """Let these studies' models go (`Study.release_model`), so that a sweep that loads its own,
+    GBs each, holds one model at a time."""
+    for study in studies:
+        if study is not None:
+            study.release_model()
+
+
 def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
     """One row per model and measure, in the order given: the logit difference and each claim
     of `SIZE_CLAIMS`, with its 95% CI where one exists and its verdict; a model that cannot be
