@@ -68,24 +68,23 @@ SIZE_COLUMNS = ["model", "family", "n_params", "n_layers", "n_heads", "status", 
 # --- Follow-up 1: model size --------------------------------------------------------------------
 
 
-def release_models(*studies: Study | None) -> None:
-    """Let these studies' models go (`Study.release_model`), so that a sweep that loads its own,
-    GBs each, holds one model at a time."""
-    for study in studies:
-        if study is not None:
-            study.release_model()
-
-
-def size_sweep(models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
+def size_sweep(
+    models: Sequence[str] = QWEN_SIZES, n: int = N_SIZE, seed: int = 0, device: str = "cpu",
+    release_first: Sequence[Study | None] = (),
+) -> pd.DataFrame:
     """One row per model and measure, in the order given: the logit difference and each claim
     of `SIZE_CLAIMS`, with its 95% CI where one exists and its verdict; a model that cannot be
     loaded is one row with status "skipped" and the reason. Everything but the model is fixed:
     the prompts (n, seed, the "mixed" templates, the model's BOS convention), the class
-    definitions and the claims' rules. The sweep holds one of its models at a time: each size is
-    released after its rows (a caller holding other studies' models releases them first:
-    `Study.release_model`); a size whose results are all cached is never loaded (`ioi.study`)."""
+    definitions and the claims' rules. One model is held in memory at a time: the models of the
+    studies in `release_first` are let go before the first size (`Study.release_model`; an
+    analysis that needs one again loads it again), and each size after its rows; a size whose
+    results are all cached is never loaded (`ioi.study`)."""
     for name in models:
         _check_model_name(name)
+    for study in release_first:
+        if study is not None:
+            study.release_model()
     rows = []
     for name in tqdm(models, desc="size sweep"):
         start = time.perf_counter()
