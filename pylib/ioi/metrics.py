@@ -47,13 +47,20 @@ def normalised(value, clean, corrupted):
 
 
 @torch.inference_mode()
-def run_end_logits(model, dataset: IOIDataset, batch_size: int = 64) -> Float[Tensor, "batch d_vocab"]:
-    """The model's logits at END for every prompt, in batches."""
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        tokens = dataset.tokens[start : start + batch_size]
-        out.append(end_logits(model(tokens), dataset.end[start : start + batch_size]))
-    return torch.cat(out)
+def run_end_logits(model, dataset: IOIDataset) -> Float[Tensor, "batch d_vocab"]:
+    """The model's logits at END for every prompt, in `batches`."""
+    return torch.cat([end_logits(model(dataset.tokens[rows]), dataset.end[rows]) for rows in batches(model, dataset)])
+
+
+LOGITS_BYTES = 256 * 2**20
+
+
+def batches(model, dataset: IOIDataset) -> list[slice]:
+    """Slices of the prompts whose whole-sequence float32 logits fit in `LOGITS_BYTES`: a
+    262k-token vocabulary (Gemma 3) makes 2 GB of them for 100 prompts of 20 tokens."""
+    per_prompt = dataset.tokens.shape[1] * model.cfg.d_vocab * 4
+    size = max(1, LOGITS_BYTES // per_prompt)
+    return [slice(start, start + size) for start in range(0, len(dataset), size)]
 
 
 def per_prompt_baseline(model, dataset: IOIDataset) -> pd.DataFrame:

@@ -22,7 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ioi.dataset import IOIDataset
-from ioi.metrics import logit_diff, summarise
+from ioi.metrics import logit_diff_from_end, summarise
 from ioi.engines import fast
 from ioi.engines.hooks import run_with_cache
 
@@ -92,7 +92,7 @@ def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.Data
         frames.append(_frame(dataset, "mlp", layer, -1, share(resid[layer + 1] - resid[layer] - attention)))
     frames.append(_frame(dataset, "unembed_bias", -1, -1, _bias(weights, dataset)))
     out = pd.concat(frames, ignore_index=True)
-    _check_decomposes(model, out, logit_diff(logits, dataset))
+    _check_decomposes(model, out, logit_diff_from_end(logits, dataset.io_token, dataset.s_token))
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 from ioi.analyses import logit_attribution
 from ioi.circuits import criteria
 from ioi.dataset import IOIDataset
-from ioi.metrics import logit_diff, summarise
+from ioi.metrics import logit_diff, logit_diff_from_end, run_end_logits, summarise
 
 Head = tuple[int, int]
 
@@ -109,6 +109,6 @@ def mlp_knockout(model, clean: IOIDataset, corrupted: IOIDataset, first_layer: i
     knockout = mlp_knockout_hooks(layers, criteria.group_means(model, corrupted, names))
     return pd.DataFrame({
         "prompt_index": np.arange(len(clean)),
-        "logit_diff": logit_diff(model(clean.tokens), clean).double().numpy(),
+        "logit_diff": logit_diff_from_end(run_end_logits(model, clean), clean.io_token, clean.s_token).double().numpy(),
         "knocked_out": logit_diff(model.run_with_hooks(clean.tokens, fwd_hooks=knockout), clean).double().numpy(),
     })

@@ -25,7 +25,7 @@ import torch
 from ioi.dataset import IOIDataset, corrupt, swap_order
 from ioi.engines.hooks import run_with_cache
 from ioi.engines.hooks_paths import path_patch_cache
-from ioi.metrics import logit_diff
+from ioi.metrics import logit_diff_from_end, run_end_logits
 
 Head = tuple[int, int]
 
@@ -67,8 +67,7 @@ def position_token(model, clean: IOIDataset, tokenizer, s_inhibition: list[Head]
         (1, -1): corrupt(clean, tokenizer, "swap_io_s"),
         (-1, -1): corrupt(order_flipped, tokenizer, "swap_io_s"),
     }
-    with torch.inference_mode():
-        clean_ld = logit_diff(model(clean.tokens), clean)
+    clean_ld = logit_diff_from_end(run_end_logits(model, clean), clean.io_token, clean.s_token)
     cells = {}
     for (pos, tok), source in sources.items():
         if source is clean:

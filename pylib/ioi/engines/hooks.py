@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ioi.dataset import POSITIONS, IOIDataset
-from ioi.metrics import logit_diff
+from ioi.metrics import batches, end_logits, logit_diff, logit_diff_from_end, run_end_logits
 
 Setter = Callable[[Tensor, Tensor, tuple, IOIDataset], Tensor]
 
@@ -39,19 +39,29 @@ Setter = Callable[[Tensor, Tensor, tuple, IOIDataset], Tensor]
 
 
 @torch.inference_mode()
-def run_with_cache(model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None, fwd_hooks=()):
-    """Logits and an activation cache for the dataset's tokens, keeping only `names` hooks.
-    With `fwd_hooks` (an intervention such as an ablation), the run is edited by them and the
-    cache holds what the edited run computed (each hook point after its edit)."""
-    if not fwd_hooks:
-        if names is not None and not callable(names):
-            names = set(names).__contains__
-        return model.run_with_cache(dataset.tokens, names_filter=names)
-    if names is None or callable(names):
-        raise ValueError("name the hook points to cache when the run is edited")
-    cache = {}
-    logits = model.run_with_hooks(dataset.tokens, fwd_hooks=list(fwd_hooks) + [(name, storer(cache, name)) for name in names])
-    return logits, cache
+def run_with_cache(
+    model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None, fwd_hooks=()
+) -> tuple[Float[Tensor, "batch d_vocab"], dict]:
+    """Logits at each prompt's END and an activation cache for the dataset's tokens, keeping
+    only `names` hooks. Unedited, the prompts run in `ioi.metrics.batches` of bounded memory. With
+    `fwd_hooks` (an intervention such as an ablation, built for the whole dataset), the run is
+    one batch, edited by them, and the cache holds what the edited run computed (each hook point
+    after its edit)."""
+    if fwd_hooks:
+        if names is None or callable(names):
+            raise ValueError("name the hook points to cache when the run is edited")
+        cache = {}
+        logits = model.run_with_hooks(dataset.tokens, fwd_hooks=list(fwd_hooks) + [(name, storer(cache, name)) for name in names])
+        return end_logits(logits, dataset.end), cache
+    if names is not None and not callable(names):
+        names = set(names).__contains__
+    ends, caches = [], []
+    for rows in batches(model, dataset):
+        logits, cache = model.run_with_cache(dataset.tokens[rows], names_filter=names)
+        ends.append(end_logits(logits, dataset.end[rows]))
+        caches.append(dict(cache.items()))
+        del logits, cache
+    return torch.cat(ends), {name: torch.cat([c[name] for c in caches]) for name in caches[0]}
 
 
 def storer(cache: dict, name: str):
@@ -67,12 +77,11 @@ def storer(cache: dict, name: str):
 def clean_and_corrupted(model, clean: IOIDataset, corrupted: IOIDataset, names=None) -> dict:
     """Both runs' mean logit differences and the clean cache, the inputs of every sweep."""
     clean_logits, clean_cache = run_with_cache(model, clean, names)
-    with torch.inference_mode():
-        corrupted_logits = model(corrupted.tokens)
+    corrupted_logits = run_end_logits(model, corrupted)
     return {
         "clean_cache": clean_cache,
-        "clean_ld": logit_diff(clean_logits, clean).mean().item(),
-        "corrupted_ld": logit_diff(corrupted_logits, corrupted).mean().item(),
+        "clean_ld": logit_diff_from_end(clean_logits, clean.io_token, clean.s_token).mean().item(),
+        "corrupted_ld": logit_diff_from_end(corrupted_logits, corrupted.io_token, corrupted.s_token).mean().item(),
     }
 
 
