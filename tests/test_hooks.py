@@ -85,3 +85,19 @@ def test_whole_residual_stream_restores_clean(tiny_model, data):
     resid = runs["clean_cache"]["blocks.0.hook_resid_pre"]
     ld = patching.patch_once(tiny_model, corrupted, "blocks.0.hook_resid_pre", resid, patching.set_all, ())
     assert ld.mean().item() == pytest.approx(runs["clean_ld"], abs=1e-5)
+
+
+def test_batched_runs_equal_one_run(tiny_model, data, monkeypatch):
+    """Run in batches of bounded memory, the END logits and the cache equal one whole run's."""
+    from ioi import metrics
+
+    clean, _ = data
+    names = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_pattern"]
+    whole_logits, whole = tiny_model.run_with_cache(clean.tokens, names_filter=set(names).__contains__)
+    monkeypatch.setattr(metrics, "LOGITS_BYTES", 3 * clean.tokens.shape[1] * tiny_model.cfg.d_vocab * 4)
+    assert len(metrics.batches(tiny_model, clean)) > 1
+    logits, cache = patching.run_with_cache(tiny_model, clean, names)
+    torch.testing.assert_close(logits, whole_logits[torch.arange(len(clean)), clean.end])
+    for name in names:
+        torch.testing.assert_close(cache[name], whole[name])
+    torch.testing.assert_close(metrics.run_end_logits(tiny_model, clean), logits)
