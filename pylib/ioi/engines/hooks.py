@@ -99,10 +99,15 @@ def set_all(act: Tensor, clean: Tensor, index: tuple, dataset: IOIDataset) -> Te
     return act
 
 
+def position_index(dataset: IOIDataset, pos: str | int) -> Int[Tensor, " batch"]:
+    """Each prompt's index of a named position ("S2"), or an absolute index for every prompt."""
+    return dataset.positions[pos] if isinstance(pos, str) else torch.full_like(dataset.end, pos)
+
+
 def set_position(act: Tensor, clean: Tensor, index: tuple, dataset: IOIDataset) -> Tensor:
     """One position of a [batch pos ...] activation; a name ("S2") or an absolute index."""
     (pos,) = index
-    at = dataset.positions[pos] if isinstance(pos, str) else torch.full_like(dataset.end, pos)
+    at = position_index(dataset, pos)
     rows = _rows(dataset)
     act[rows, at] = clean[rows, at]
     return act
@@ -209,8 +214,23 @@ def _at_end(setter: Setter, act: Tensor, clean: Tensor, index: tuple, dataset: I
     return setter(act, clean, (*index, "END"), dataset)
 
 
+HEAD_INPUTS = ("q", "k", "v", "pattern")
+
+
+def head_input_items(cfg, heads: Sequence[tuple[int, int]] | None, activation: str) -> list[tuple[int, int]]:
+    """The (layer, head) items one input of `heads` is patched at (None: every head): query
+    heads for q and pattern, key/value heads for k and v, each group once."""
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    if heads is None:
+        n = n_kv if activation in ("k", "v") else cfg.n_heads
+        return [(l, h) for l in range(cfg.n_layers) for h in range(n)]
+    if activation in ("k", "v"):
+        return sorted({(l, h // (cfg.n_heads // n_kv)) for l, h in heads})
+    return [(int(l), int(h)) for l, h in heads]
+
+
 def head_input_patching(
-    model, clean, corrupted, heads: Sequence[tuple[int, int]] | None = None, activations: Sequence[str] = ("q", "k", "v", "pattern"),
+    model, clean, corrupted, heads: Sequence[tuple[int, int]] | None = None, activations: Sequence[str] = HEAD_INPUTS,
 ) -> pd.DataFrame:
     """Each of `heads`' (layer, query head; None: every head) queries, keys, values and attention
     pattern at every position, one at a time: (layer, head, activation, logit_diff). Keys and
@@ -218,13 +238,7 @@ def head_input_patching(
     patching one changes every query head of its group."""
     frames = []
     for activation in activations:
-        n_heads = model.cfg.n_heads
-        items = heads
-        if activation in ("k", "v"):
-            n_heads = getattr(model.cfg, "n_key_value_heads", None) or n_heads
-            if heads is not None:
-                items = sorted({(l, h // (model.cfg.n_heads // n_heads)) for l, h in heads})
-        items = list(items) if items is not None else _every_layer(model, [(h,) for h in range(n_heads)])
+        items = head_input_items(model.cfg, heads, activation)
         frame = patch_sweep(
             model, clean, corrupted, lambda l: f"blocks.{l}.attn.hook_{activation}",
             set_head_pattern if activation == "pattern" else set_head, items, ["head"], f"head {activation}",

@@ -10,6 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ioi.dataset import POSITIONS
+from ioi.engines.hooks import HEAD_INPUTS, head_input_items, position_index
 from ioi.engines.fast.model import (
     Positions, attend, attention_pattern, attn_input, head_out, head_out_changes, queries,
 )
@@ -203,9 +204,6 @@ def resid_named_sweep(
 
 # --- The experiments: the names, arguments and columns of `ioi.engines.hooks`' references ------
 
-HEAD_INPUTS: tuple[HeadInput, ...] = ("q", "k", "v", "pattern")
-
-
 def _args(clean, corrupted) -> tuple:
     return (clean.tokens, corrupted.tokens, clean.end, clean.io_token, clean.s_token)
 
@@ -213,7 +211,7 @@ def _args(clean, corrupted) -> tuple:
 def residual_patching(model, clean, corrupted, positions=POSITIONS) -> pd.DataFrame:
     """`resid_named_sweep` at each prompt's named (or an absolute) position:
     (layer, position, logit_diff)."""
-    at = torch.stack([clean.positions[p] if isinstance(p, str) else torch.full_like(clean.end, p) for p in positions])
+    at = torch.stack([position_index(clean, p) for p in positions])
     values = resid_named_sweep(model, *_args(clean, corrupted), at)
     return pd.DataFrame(
         [{"layer": layer, "position": p, "logit_diff": values[layer, i].item()}
@@ -242,17 +240,9 @@ def head_patching(model, clean, corrupted, positions: Positions = "all") -> pd.D
 def head_input_patching(model, clean, corrupted, heads=None, activations=HEAD_INPUTS) -> pd.DataFrame:
     """`head_input_sweep` of `heads`' (layer, query head; None: every head) inputs:
     (layer, head, activation, logit_diff), keys and values per key/value head, once per group."""
-    cfg = model.cfg
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     frames = []
     for activation in activations:
-        n = n_kv if activation in ("k", "v") else cfg.n_heads
-        if heads is None:
-            items = [(l, h) for l in range(cfg.n_layers) for h in range(n)]
-        elif activation in ("k", "v"):
-            items = sorted({(l, h // (cfg.n_heads // n_kv)) for l, h in heads})
-        else:
-            items = [tuple(h) for h in heads]
+        items = head_input_items(model.cfg, heads, activation)
         values = head_input_sweep(model, *_args(clean, corrupted), activation=activation, heads=items)
         frames.append(pd.DataFrame({"layer": [l for l, _ in items], "head": [h for _, h in items],
                                     "activation": activation, "logit_diff": values.double().numpy()}))
