@@ -101,3 +101,28 @@ def test_batched_runs_equal_one_run(tiny_model, data, monkeypatch):
     for name in names:
         torch.testing.assert_close(cache[name], whole[name])
     torch.testing.assert_close(metrics.run_end_logits(tiny_model, clean), logits)
+
+
+def test_edited_runs_in_batches_equal_one_edited_run(tiny_model, data, monkeypatch):
+    """An edit built per batch (`hooks.Edit`: here a mean-ablation of two heads) gives, run in
+    batches, the END logits and cache of the same hooks run once on every prompt."""
+    from functools import partial
+
+    from ioi import metrics
+    from ioi.circuits import criteria, knockouts
+
+    clean, corrupted = data
+    heads, means = [(0, 1), (1, 2)], criteria.group_means(tiny_model, corrupted)
+    names = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_post"]
+    whole = {}
+    with torch.inference_mode():
+        whole_logits = tiny_model.run_with_hooks(clean.tokens, fwd_hooks=knockouts.head_knockout_hooks(heads, means)
+                                                 + [(name, patching.storer(whole, name)) for name in names])
+    monkeypatch.setattr(metrics, "LOGITS_BYTES", 3 * clean.tokens.shape[1] * tiny_model.cfg.d_vocab * 4)
+    assert len(metrics.batches(tiny_model, clean)) > 1
+    logits, cache = patching.run_with_cache(tiny_model, clean, names, partial(knockouts.head_knockout_hooks, heads, means))
+    torch.testing.assert_close(logits, whole_logits[torch.arange(len(clean)), clean.end])
+    for name in names:
+        torch.testing.assert_close(cache[name], whole[name])
+    plain, _ = patching.run_with_cache(tiny_model, clean, [])
+    assert not torch.allclose(logits, plain), "the knock-out changed nothing: the test would pass without the edit"

@@ -60,3 +60,20 @@ def test_sweep_into_no_receivers_is_empty(tiny_model, data):
     clean, corrupted = data
     out = pp.path_patching(tiny_model, clean, corrupted, [], "q", "END")
     assert out.empty and {"layer", "head", "relative_change"} <= set(out.columns)
+
+
+@pytest.mark.parametrize("position", ["S2", None])
+def test_path_patching_in_batches_equals_one_batch(tiny_model, data, monkeypatch, position):
+    """Each of its edited runs in bounded batches, a path patch gives what one whole batch gives."""
+    from ioi import metrics
+
+    clean, corrupted = data
+    last = tiny_model.cfg.n_layers - 1
+    args = (tiny_model, clean, corrupted, [(0, 1), (0, 2)], [(last, 1), (last, 2)], "v", position)
+    names = [f"blocks.{last}.attn.hook_pattern"]
+    whole_ld, whole = pp.path_patch_cache(*args, names=names)
+    monkeypatch.setattr(metrics, "LOGITS_BYTES", 3 * clean.tokens.shape[1] * tiny_model.cfg.d_vocab * 4)
+    assert len(metrics.batches(tiny_model, clean)) > 1
+    ld, stored = pp.path_patch_cache(*args, names=names)
+    torch.testing.assert_close(ld, whole_ld)
+    torch.testing.assert_close(stored[names[0]], whole[names[0]])

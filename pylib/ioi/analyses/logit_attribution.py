@@ -24,7 +24,7 @@ from torch import Tensor
 from ioi.dataset import IOIDataset
 from ioi.metrics import logit_diff_from_end, summarise
 from ioi.engines import fast
-from ioi.engines.hooks import run_with_cache
+from ioi.engines.hooks import Edit, run_with_cache
 
 
 def logit_diff_directions(weights: fast.FastModel, dataset: IOIDataset) -> Float[Tensor, "batch d_model"]:
@@ -57,11 +57,11 @@ def _bias(weights: fast.FastModel, dataset: IOIDataset) -> Float[Tensor, " batch
 
 
 @torch.inference_mode()
-def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.DataFrame:
+def per_prompt_attributions(model, dataset: IOIDataset, edit: Edit | None = None) -> pd.DataFrame:
     """Long table: one row per prompt and component, with its direct share of the logit
     difference at END. Components: embed, head (layer, head), attn_bias (layer), mlp (layer),
-    unembed_bias. Rows of one prompt sum to its logit difference. With `fwd_hooks` (e.g. a
-    knockout), the attributions are those of the edited run, with its own final-norm scale.
+    unembed_bias. Rows of one prompt sum to its logit difference. With `edit` (`hooks.Edit`, e.g.
+    a knockout), the attributions are those of the edited run, with its own final-norm scale.
 
     One loop for every architecture, on the fast model's weights (the bridge's processed ones, or
     Gemma 3's own): where a norm sits between the heads and the residual stream (Gemma 3's after
@@ -71,7 +71,7 @@ def per_prompt_attributions(model, dataset: IOIDataset, fwd_hooks=()) -> pd.Data
     weights = fast.as_fast(model)
     n_layers = model.cfg.n_layers
     names = [f"blocks.{l}.{name}" for l in range(n_layers) for name in ("hook_resid_pre", "attn.hook_z")]
-    logits, cache = run_with_cache(model, dataset, names + [f"blocks.{n_layers - 1}.hook_resid_post"], fwd_hooks)
+    logits, cache = run_with_cache(model, dataset, names + [f"blocks.{n_layers - 1}.hook_resid_post"], edit)
     at = torch.arange(len(dataset)), dataset.end
     resid = [cache[f"blocks.{l}.hook_resid_pre"][at] for l in range(n_layers)]
     resid.append(cache[f"blocks.{n_layers - 1}.hook_resid_post"][at])

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ioi.engines import check, fast_ablation
 from ioi.dataset import DATA_DIR, POSITIONS, IOIDataset
-from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff
+from ioi.metrics import BOOTSTRAP_RESAMPLES, bootstrap_ci, logit_diff_from_end
 from ioi.engines.hooks import run_with_cache
 
 Head = tuple[int, int]
@@ -144,14 +144,16 @@ def run_circuit(model, circuit: Circuit, dataset: IOIDataset, means: dict) -> Fl
     mask = keep_mask(model, circuit, dataset)
     groups = means["groups"]
 
-    def ablate(z, hook):
-        layer = hook.layer()
-        mean = means["means"][hook.name][groups]
-        return torch.where(mask[layer][..., None], z, mean)
+    def hooks(rows: slice) -> list:
+        def ablate(z, hook):
+            layer = hook.layer()
+            mean = means["means"][hook.name][groups[rows]]
+            return torch.where(mask[layer, rows][..., None], z, mean)
 
-    hooks = [(f"blocks.{l}.attn.hook_z", ablate) for l in range(model.cfg.n_layers)]
-    with torch.inference_mode():
-        return logit_diff(model.run_with_hooks(dataset.tokens, fwd_hooks=hooks), dataset)
+        return [(f"blocks.{l}.attn.hook_z", ablate) for l in range(model.cfg.n_layers)]
+
+    end_logits, _ = run_with_cache(model, dataset, [], hooks)
+    return logit_diff_from_end(end_logits, dataset.io_token, dataset.s_token)
 
 
 # --- The three criteria --------------------------------------------------------------------------

@@ -18,6 +18,8 @@ the only one.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import torch
@@ -25,14 +27,15 @@ import torch
 from ioi.analyses import logit_attribution
 from ioi.circuits import criteria
 from ioi.dataset import IOIDataset
-from ioi.metrics import logit_diff, logit_diff_from_end, run_end_logits, summarise
+from ioi.engines.hooks import run_with_cache
+from ioi.metrics import logit_diff_from_end, run_end_logits, summarise
 
 Head = tuple[int, int]
 
 
-def head_knockout_hooks(heads, means: dict) -> list:
+def head_knockout_hooks(heads, means: dict, rows: slice = slice(None)) -> list:
     """Hooks that replace each head in `heads` by its group mean (`criteria.group_means` over the
-    ABC prompts) at every position."""
+    ABC prompts) at every position, for the prompts `rows` (a `hooks.Edit` once given the rest)."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(int(layer), []).append(int(head))
@@ -40,16 +43,17 @@ def head_knockout_hooks(heads, means: dict) -> list:
     def ablate(z, hook):
         chosen = by_layer[hook.layer()]
         z = z.clone()
-        z[:, :, chosen] = means["means"][hook.name][means["groups"]][:, :, chosen]
+        z[:, :, chosen] = means["means"][hook.name][means["groups"][rows]][:, :, chosen]
         return z
 
     return [(f"blocks.{layer}.attn.hook_z", ablate) for layer in sorted(by_layer)]
 
 
-def mlp_knockout_hooks(layers, means: dict) -> list:
-    """Hooks that replace each listed layer's MLP output by its group mean at every position."""
+def mlp_knockout_hooks(layers, means: dict, rows: slice = slice(None)) -> list:
+    """Hooks that replace each listed layer's MLP output by its group mean at every position,
+    for the prompts `rows`."""
     def ablate(out, hook):
-        return means["means"][hook.name][means["groups"]]
+        return means["means"][hook.name][means["groups"][rows]]
 
     return [(f"blocks.{layer}.hook_mlp_out", ablate) for layer in layers]
 
@@ -59,7 +63,7 @@ def backup_changes(model, clean: IOIDataset, corrupted: IOIDataset, movers: list
     `movers` (one row per prompt and component: component, layer, head, before, after, and
     `knocked_out` for the movers). The rows of one prompt add up, before and after, to that run's
     logit difference (checked in `logit_attribution`), so their changes add up to its change."""
-    knockout = head_knockout_hooks(movers, criteria.group_means(model, corrupted))
+    knockout = partial(head_knockout_hooks, movers, criteria.group_means(model, corrupted))
     keys = ["prompt_index", "component", "layer", "head"]
     before = logit_attribution.per_prompt_attributions(model, clean)
     after = logit_attribution.per_prompt_attributions(model, clean, knockout)
@@ -106,9 +110,10 @@ def mlp_knockout(model, clean: IOIDataset, corrupted: IOIDataset, first_layer: i
     `first_layer` on mean-ablated at every position (App. J keeps only the first)."""
     layers = list(range(first_layer, model.cfg.n_layers))
     names = [f"blocks.{layer}.hook_mlp_out" for layer in layers]
-    knockout = mlp_knockout_hooks(layers, criteria.group_means(model, corrupted, names))
+    knockout = partial(mlp_knockout_hooks, layers, criteria.group_means(model, corrupted, names))
+    knocked_out, _ = run_with_cache(model, clean, [], knockout)
     return pd.DataFrame({
         "prompt_index": np.arange(len(clean)),
         "logit_diff": logit_diff_from_end(run_end_logits(model, clean), clean.io_token, clean.s_token).double().numpy(),
-        "knocked_out": logit_diff(model.run_with_hooks(clean.tokens, fwd_hooks=knockout), clean).double().numpy(),
+        "knocked_out": logit_diff_from_end(knocked_out, clean.io_token, clean.s_token).double().numpy(),
     })

@@ -38,28 +38,34 @@ Setter = Callable[[Tensor, Tensor, tuple, IOIDataset], Tensor]
 # --- Caching ----------------------------------------------------------------------------------
 
 
+# The hooks of an intervention (an ablation, a frozen path) for the prompts `rows` of a dataset:
+# built per batch, so that an edited run is as bounded in memory as an unedited one.
+Edit = Callable[[slice], Sequence[tuple[str, Callable]]]
+
+
 @torch.inference_mode()
 def run_with_cache(
-    model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None, fwd_hooks=()
+    model, dataset: IOIDataset, names: Sequence[str] | Callable | None = None, edit: Edit | None = None
 ) -> tuple[Float[Tensor, "batch d_vocab"], dict]:
     """Logits at each prompt's END and an activation cache for the dataset's tokens, keeping
-    only `names` hooks. Unedited, the prompts run in `ioi.metrics.batches` of bounded memory. With
-    `fwd_hooks` (an intervention such as an ablation, built for the whole dataset), the run is
-    one batch, edited by them, and the cache holds what the edited run computed (each hook point
-    after its edit)."""
-    if fwd_hooks:
-        if names is None or callable(names):
-            raise ValueError("name the hook points to cache when the run is edited")
-        cache = {}
-        logits = model.run_with_hooks(dataset.tokens, fwd_hooks=list(fwd_hooks) + [(name, storer(cache, name)) for name in names])
-        return end_logits(logits, dataset.end), cache
-    if names is not None and not callable(names):
-        names = set(names).__contains__
+    only `names` hooks, the prompts run in `ioi.metrics.batches` of bounded memory. With `edit`,
+    each batch runs with the hooks `edit(rows)` and the cache holds what the edited run computed
+    (each hook point after its edit)."""
+    if edit is not None and callable(names):
+        raise ValueError("name the hook points to cache when the run is edited")
+    wanted = [] if names is None or callable(names) else list(names)
+    keep = names if names is None or callable(names) else set(wanted).__contains__
     ends, caches = [], []
     for rows in batches(model, dataset):
-        logits, cache = model.run_with_cache(dataset.tokens[rows], names_filter=names)
+        if edit is None:
+            logits, cache = model.run_with_cache(dataset.tokens[rows], names_filter=keep)
+            cache = dict(cache.items())
+        else:
+            cache = {}
+            logits = model.run_with_hooks(
+                dataset.tokens[rows], fwd_hooks=list(edit(rows)) + [(name, storer(cache, name)) for name in wanted])
         ends.append(end_logits(logits, dataset.end[rows]))
-        caches.append(dict(cache.items()))
+        caches.append(cache)
         del logits, cache
     return torch.cat(ends), {name: torch.cat([c[name] for c in caches]) for name in caches[0]}
 

@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ioi.dataset import IOIDataset
-from ioi.metrics import logit_diff
-from ioi.engines.hooks import run_with_cache, storer
+from ioi.metrics import logit_diff_from_end, run_end_logits
+from ioi.engines.hooks import run_with_cache
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -76,47 +76,47 @@ def path_patch_cache(
     receivers' attention patterns)."""
     clean_z, source_z = caches or (_z_cache(model, clean), _z_cache(model, source))
     senders = set(senders)
-    stored: dict = {}
 
     # Step 2: senders from the source, every other head frozen to clean.
-    def freeze(z, hook):
-        layer = hook.layer()
-        z = clean_z[hook.name].clone()
-        for l, h in senders:
-            if l == layer:
-                z[:, :, h] = source_z[hook.name][:, :, h]
-        return z
+    def frozen(rows: slice) -> list:
+        def freeze(z, hook):
+            layer = hook.layer()
+            z = clean_z[hook.name][rows].clone()
+            for l, h in senders:
+                if l == layer:
+                    z[:, :, h] = source_z[hook.name][rows, :, h]
+            return z
 
-    hooks = [(name, freeze) for name in _z_hooks(model)]
+        return [(name, freeze) for name in _z_hooks(model)]
+
     if receivers == "logits":
-        with torch.inference_mode():
-            logits = model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, storer(stored, n)) for n in names])
-        return logit_diff(logits, clean), stored
+        end_logits, stored = run_with_cache(model, clean, names, frozen)
+        return logit_diff_from_end(end_logits, clean.io_token, clean.s_token), stored
 
-    inputs = {f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers}
-    with torch.inference_mode():
-        model.run_with_hooks(clean.tokens, fwd_hooks=hooks + [(n, storer(stored, n)) for n in sorted(inputs)])
-    receiver_inputs = {name: stored.pop(name) for name in inputs}
+    inputs = sorted({f"blocks.{l}.attn.hook_{receiver_input}" for l, _ in receivers})
+    _, receiver_inputs = run_with_cache(model, clean, inputs, frozen)
 
     # Step 3: only the receivers' inputs patched, everything else recomputed.
-    def patch_receivers(act, hook):
-        act = act.clone()
-        rows = torch.arange(len(clean))
-        for l, h in receivers:
-            if l != hook.layer():
-                continue
-            h = _input_head(model, h, receiver_input)
-            if receiver_position is None:
-                act[:, :, h] = receiver_inputs[hook.name][:, :, h]
-            else:
-                at = clean.positions[receiver_position]
-                act[rows, at, h] = receiver_inputs[hook.name][rows, at, h]
-        return act
+    def patched(rows: slice) -> list:
+        def patch(act, hook):
+            act = act.clone()
+            new = receiver_inputs[hook.name][rows]
+            for l, h in receivers:
+                if l != hook.layer():
+                    continue
+                h = _input_head(model, h, receiver_input)
+                if receiver_position is None:
+                    act[:, :, h] = new[:, :, h]
+                else:
+                    at = clean.positions[receiver_position][rows]
+                    items = torch.arange(len(at))
+                    act[items, at, h] = new[items, at, h]
+            return act
 
-    with torch.inference_mode():
-        logits = model.run_with_hooks(
-            clean.tokens, fwd_hooks=[(n, patch_receivers) for n in inputs] + [(n, storer(stored, n)) for n in names])
-    return logit_diff(logits, clean), stored
+        return [(name, patch) for name in inputs]
+
+    end_logits, stored = run_with_cache(model, clean, names, patched)
+    return logit_diff_from_end(end_logits, clean.io_token, clean.s_token), stored
 
 
 def _input_head(model, head: int, receiver_input: str) -> int:
@@ -147,8 +147,7 @@ def path_patching(
     if receivers != "logits" and not receivers:  # e.g. a found circuit without name movers
         return _empty()
     caches = (_z_cache(model, clean), _z_cache(model, corrupted))
-    with torch.inference_mode():
-        clean_ld = logit_diff(model(clean.tokens), clean).mean().item()
+    clean_ld = logit_diff_from_end(run_end_logits(model, clean), clean.io_token, clean.s_token).mean().item()
     last = model.cfg.n_layers if receivers == "logits" else min(l for l, _ in receivers)
     senders = [(l, h) for l in range(first_layer, last) for h in range(model.cfg.n_heads)]
     if not senders:  # receivers in layer 0: no head lies before them
