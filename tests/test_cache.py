@@ -119,10 +119,45 @@ def test_a_cached_study_is_read_without_its_model(tiny_dir, monkeypatch):
     first = Study(config)
     baseline = first.baseline()
     loads, load = [], study_module.load_model
-    monkeypatch.setattr(study_module, "load_model", lambda *args: loads.append(args) or load(*args))
+    monkeypatch.setattr(study_module, "load_model", lambda *args, **kwargs: loads.append(args) or load(*args, **kwargs))
     second = Study(config)
     assert second.baseline().equals(baseline) and second.shape == first.shape and loads == []
     assert second.model.cfg.n_layers == second.shape["n_layers"] and len(loads) == 1  # loaded when asked for
+
+
+def test_a_study_digests_the_files_it_loads(tiny_dir, monkeypatch):
+    """Where the weights come from is resolved once per study: the files digested into every
+    result's key are the files the model loads from."""
+    from ioi import models, weights
+    from ioi import study as study_module
+    from ioi.study import Study, StudyConfig
+
+    asked, resolve = [], study_module.source
+    monkeypatch.setattr(study_module, "source", lambda name: asked.append(name) or resolve(name))
+    for module in (weights, models):
+        monkeypatch.setattr(module, "source", lambda name: pytest.fail("the weights' source resolved a second time"))
+    study = Study(StudyConfig(model=tiny_dir, n=8))
+    assert study.model.cfg.n_layers == study.shape["n_layers"] and asked == [tiny_dir]
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_a_failed_write_leaves_nothing(tmp_path, directory):
+    """A file or a directory written through `atomic_path` appears whole or not at all."""
+    from ioi.atomic import atomic_path
+
+    target = tmp_path / "target"
+
+    def write(staging, text):
+        (staging / "content" if directory else staging).write_text(text)
+
+    with pytest.raises(RuntimeError), atomic_path(target, directory) as staging:
+        write(staging, "half")
+        raise RuntimeError("crashed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target, directory) as staging:
+        write(staging, "whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["target"]
+    assert (target / "content" if directory else target).read_text() == "whole"
 
 
 def test_changed_files_change_the_model_fingerprint(tiny_dir, tmp_path):

@@ -108,7 +108,7 @@ def test_a_study_holds_its_model_until_released(tiny_dir, monkeypatch):
     from ioi import study as study_module
 
     loads = []
-    monkeypatch.setattr(study_module, "load_model", lambda name, device: loads.append(name) or models.load_model(name, device))
+    monkeypatch.setattr(study_module, "load_model", lambda name, device, **kwargs: loads.append(name) or models.load_model(name, device, **kwargs))
     monkeypatch.setenv("IOI_NO_CACHE", "1")  # so that building the study needs the model
     study = study_module.Study(study_module.StudyConfig(model=tiny_dir, n=4))
     first = study.model

@@ -15,13 +15,13 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
 import joblib
 import torch
 
+from ioi.atomic import atomic_path
 from ioi.dataset import DATA_DIR, IOIDataset
 from ioi.weights import cache_root
 
@@ -99,12 +99,6 @@ def cached(analysis: str, compute, params: dict, model=None, datasets=()):
         except Exception:  # unreadable or truncated: recompute rather than serve it
             path.unlink(missing_ok=True)
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        joblib.dump(result, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as staging:
+        joblib.dump(result, staging)
     return result

@@ -33,12 +33,13 @@ from ioi.weights import ModelUnavailableError, gpt2_tokenizer_directory, source
 RANDOM_MODEL_SEED = 0  # fixed so that benchmarks on the random models are repeatable
 
 def load_model(
-    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, where: str | None = None
 ) -> TransformerBridge:
     """A `TransformerBridge` for `name` (see `ioi.weights.KNOWN_MODELS`, or a local directory), in
     compatibility mode, in eval mode, on `device` and in `dtype`, loaded afresh: whoever loads
-    it holds it (a `Study` holds its model until `Study.release_model`)."""
-    return _load_model(str(name), str(device), dtype)
+    it holds it (a `Study` holds its model until `Study.release_model`). `where`: the weights'
+    `ioi.weights.source`, where the caller has resolved it (and digested those files)."""
+    return _load_model(str(name), str(device), dtype, where)
 
 
 def return_free_memory() -> None:
@@ -52,13 +53,13 @@ def return_free_memory() -> None:
         pass
 
 
-def _load_model(name: str, device: str, dtype: torch.dtype) -> TransformerBridge:
+def _load_model(name: str, device: str, dtype: torch.dtype, where: str | None) -> TransformerBridge:
     if name == "gpt2-small-random":
         bridge = _boot_random_gpt2(device, dtype)
     elif name == "pythia-160m-random":
         bridge = _boot_random_pythia(device, dtype)
     else:
-        bridge = _boot(source(name), device, dtype)
+        bridge = _boot(where or source(name), device, dtype)
     bridge.eval()
     bridge.ioi_name = name  # the name the results cache and the report use
     return bridge

@@ -9,7 +9,6 @@ knock out, say).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ioi import claims_table
+from ioi.atomic import atomic_path
 from ioi.report import figures
 from ioi.study import Study
 
@@ -81,6 +81,5 @@ def reproduce(study: Study, out: Path) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as staging:
+        staging.write_text(text)

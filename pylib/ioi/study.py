@@ -35,7 +35,7 @@ from ioi.circuits.paths_discovery import PathsConfig
 from ioi.dataset import corrupt, make_dataset
 from ioi.engines import attribution, auto, check
 from ioi.models import load_model, return_free_memory, trained_with_bos
-from ioi.weights import fingerprint
+from ioi.weights import RANDOM_MODELS, fingerprint, source
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,12 @@ def _freeing(result):
 class Study:
     def __init__(self, config: StudyConfig = StudyConfig()):
         self._model = None  # loaded on first use (`model`), held until `release_model`
-        self._load = functools.partial(load_model, config.model, config.device)
-        inputs = _inputs(config, lambda: self.model)
+        # Where the weights come from, resolved once, so that the files digested into every
+        # result's key are the files loaded (a hub that answers the digest and not the load, or the
+        # reverse, would key results on one copy and compute them on another).
+        where = None if config.model in RANDOM_MODELS else source(config.model)
+        self._load = functools.partial(load_model, config.model, config.device, where=where)
+        inputs = _inputs(config, where, lambda: self.model)
         self.config: StudyConfig = inputs["config"]  # prepend_bos resolved
         self.clean, self.corrupted = inputs["clean"], inputs["corrupted"]
         self.shape: dict = inputs["shape"]  # n_layers, n_heads, n_params
@@ -458,7 +462,7 @@ class Study:
         return s_inhibition.position_token(self.model, self.clean, self.model.tokenizer, list(senders), list(movers))
 
 
-def _inputs(config: StudyConfig, load: Callable[[], object]) -> dict:
+def _inputs(config: StudyConfig, where: str | None, load: Callable[[], object]) -> dict:
     """What a study needs before any analysis: its config with the BOS convention resolved, the
     clean and ABC datasets, the model's shape, and the model's fingerprint that keys every result:
     the digest of the files it loads from (`ioi.weights.fingerprint`; the loaded model is a
@@ -466,7 +470,7 @@ def _inputs(config: StudyConfig, load: Callable[[], object]) -> dict:
     under it, so that reading them never loads the model. A model without files (built in memory)
     is loaded, and its weights digested instead."""
     params = {"config": {f: getattr(config, f) for f in ("model", "n", "seed", "templates", "prepend_bos")}}
-    files = fingerprint(config.model)
+    files = None if where is None else fingerprint(config.model, where)
     compute = functools.partial(_inputs_from_model, config, files, load)
     return compute() if files is None else cached("study_inputs", compute, params, files)
 

