@@ -38,12 +38,15 @@ GPT2_SHAPES = {  # name -> (n_layer, n_head, n_embd)
 }
 
 
-def bench_reproduce(model: str = "smollm2-135m", n: int = 100, seed: int = 0) -> dict:
+def bench_reproduce(model: str = "smollm2-135m", n: int = 100, seed: int = 0, out: str | None = None) -> dict:
     """Run `python -m ioi reproduce` twice in fresh processes sharing one new, empty results
     cache: cold (everything computed) then warm (everything served from the cache). Model
-    weights stay in the usual cache, so neither run pays for dequantising or downloading."""
+    weights stay in the usual cache, so neither run pays for dequantising or downloading.
+    `out`: where `reproduce` writes its tables and summary (kept, to compare them with another
+    version's), else a temporary directory."""
     runs = {}
-    with tempfile.TemporaryDirectory() as results, tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as results, tempfile.TemporaryDirectory() as scratch:
+        out = out or scratch
         env = {**os.environ, "IOI_RESULTS_DIR": results}
         for label in ("cold", "warm"):
             command = [sys.executable, "-m", "ioi", "reproduce", "--model", model, "--n", str(n),

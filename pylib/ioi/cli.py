@@ -256,7 +256,8 @@ def register_bench(subparsers) -> None:
 
     reproduce = which.add_parser("reproduce", help="wall time and peak memory of `reproduce`, cold and warm")
     _bench_arguments(reproduce, "smollm2-135m", 100)
-    reproduce.set_defaults(func=lambda a: _bench_emit(bench.bench_reproduce(a.model, a.n, a.seed), a))
+    reproduce.add_argument("--out", help="keep reproduce's tables and summary here (default: a temporary directory)")
+    reproduce.set_defaults(func=lambda a: _bench_emit(bench.bench_reproduce(a.model, a.n, a.seed, a.out), a))
 
 
 def _bench_arguments(parser, model: str, n: int) -> None:
