@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ioi.dataset import IOIDataset
 from ioi.metrics import logit_diff_from_end, run_end_logits
-from ioi.engines.hooks import run_with_cache
+from ioi.engines.hooks import input_head, run_with_cache
 
 Head = tuple[int, int]  # (layer, head)
 
@@ -104,7 +104,7 @@ def path_patch_cache(
             for l, h in receivers:
                 if l != hook.layer():
                     continue
-                h = _input_head(model, h, receiver_input)
+                h = input_head(model.cfg, h, receiver_input)
                 if receiver_position is None:
                     act[:, :, h] = new[:, :, h]
                 else:
@@ -117,14 +117,6 @@ def path_patch_cache(
 
     end_logits, stored = run_with_cache(model, clean, names, patched)
     return logit_diff_from_end(end_logits, clean.io_token, clean.s_token), stored
-
-
-def _input_head(model, head: int, receiver_input: str) -> int:
-    """Under grouped-query attention a query head reads keys and values of its group."""
-    if receiver_input == "q":
-        return head
-    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
-    return head // (model.cfg.n_heads // n_kv)
 
 
 def _z_cache(model, dataset: IOIDataset) -> dict:
