@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoConfig, GPTNeoForCau
 from ioi import models, weights
 from ioi.circuits import criteria as C
 from ioi.engines import auto, check, fast, hooks, hooks_paths
+from ioi.engines.state import engine_state
 from ioi.metrics import logit_diff_from_end, run_end_logits
 
 
@@ -66,7 +67,7 @@ def test_the_fast_engine_would_be_wrong_on_gpt_neo(tiny_gpt_neo):
 def test_unsupported_model_falls_back_to_hooks_with_one_warning(tiny_gpt_neo):
     """Every engine the study uses gives the hook reference's numbers on GPT-Neo, warning once."""
     clean, corrupted = make_pair(tiny_gpt_neo, n=8)
-    tiny_gpt_neo.__dict__.pop("_ioi_fallback_warned", None)
+    engine_state(tiny_gpt_neo).fallback_warned = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         heads = auto.head_patching(tiny_gpt_neo, clean, corrupted)
@@ -99,7 +100,7 @@ def test_a_fast_model_that_disagrees_is_caught():
     bridge = models.from_hf_model(_seeded(lambda: GPT2LMHeadModel(config), seed=3), weights.gpt2_tokenizer_directory())
     good = fast.as_fast(bridge)
     layer = dataclasses.replace(good.layers[1], b_O=good.layers[1].b_O + 0.05 * torch.randn_like(good.layers[1].b_O))
-    bridge._ioi_fast_model = dataclasses.replace(good, layers=(good.layers[0], layer))
+    engine_state(bridge).fast = dataclasses.replace(good, layers=(good.layers[0], layer))
     clean, corrupted = make_pair(bridge)
     verdict = check.verify(bridge, clean, corrupted)
     assert not verdict.fast and "differ" in verdict.reason

@@ -101,11 +101,12 @@ def test_weight_processing_without_copies_is_the_same(build, tmp_path):
 
 
 def test_a_study_holds_its_model_until_released(tiny_dir, monkeypatch):
-    """A study loads its model once, on first use, and holds it; `release_model` lets it go (the
-    next use loads it afresh); another study loads its own."""
+    """A study loads its model once, on first use, and holds it; `release_model` lets it go, with
+    what the engines kept for it (the next use loads it afresh); another study loads its own."""
     import weakref
 
     from ioi import study as study_module
+    from ioi.engines import fast
 
     loads = []
     monkeypatch.setattr(study_module, "load_model", lambda name, device, **kwargs: loads.append(name) or models.load_model(name, device, **kwargs))
@@ -114,9 +115,11 @@ def test_a_study_holds_its_model_until_released(tiny_dir, monkeypatch):
     first = study.model
     assert study.model is first and loads == [tiny_dir]
     gone = weakref.ref(first)
+    fast_model = weakref.ref(fast.as_fast(first))  # kept with the model (ioi.engines.state)
+    assert fast.as_fast(first) is fast_model()
     study.release_model()
     del first
-    assert gone() is None  # nothing else held it
+    assert gone() is None and fast_model() is None  # nothing else held them
     assert study.model is not None and loads == [tiny_dir, tiny_dir]
     study_module.Study(study.config).model
     assert loads == [tiny_dir] * 3

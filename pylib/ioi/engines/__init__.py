@@ -15,4 +15,5 @@ Which one a study uses:
 - `check`: whether the fast engines are exact on the model in hand (unimplemented features named
   up front; fast logit differences against the bridge's on the study's prompts)
 - `auto`: the study's engine, fast where `check` verifies it, the hook references elsewhere
+- `state`: what the engines keep per model (its FastModel, verdicts), freed with the model
 """

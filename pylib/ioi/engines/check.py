@@ -13,7 +13,7 @@ So before a study uses the fast engines on a model, two checks decide:
 
 Either failing gives a `Verdict` with `fast=False` and its reason; `ioi.engines.auto` then runs
 the hook-based reference engines instead, with one warning: slower, never wrong. A verdict is
-kept on the bridge, per dataset, so the check costs one forward per study.
+kept with the model (`ioi.engines.state`), per dataset, so the check costs one forward per study.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ioi.engines.fast.loaders import loader_for
+from ioi.engines.state import engine_state
 
 # float32 logits of a few units agree to ~1e-5 when the computation is the same; a missing
 # feature moves them by 1e-2 or more (GPT-Neo's local attention: 0.03; Gemma's embedding scale: 0.7)
@@ -143,7 +144,7 @@ def verify(model, *datasets, tolerance: float = TOLERANCE) -> Verdict:
     """The verdict for `model` on `datasets` (kept on the model: computed once per dataset)."""
     from ioi.cache import dataset_fingerprint
 
-    kept = model.__dict__.setdefault("_ioi_engine_verdicts", {})
+    kept = engine_state(model).verdicts
     key = (tolerance, *map(dataset_fingerprint, datasets))
     if key not in kept:
         kept[key] = _verify(model, datasets, tolerance)
@@ -175,9 +176,9 @@ def _verify(model, datasets, tolerance: float) -> Verdict:
 
 def use_fast(model, *datasets) -> bool:
     """Whether the fast engines may run `model` on `datasets`; warns once per model when not."""
-    verdict = verify(model, *datasets)
-    if not verdict.fast and not getattr(model, "_ioi_fallback_warned", False):
-        model._ioi_fallback_warned = True
+    verdict, state = verify(model, *datasets), engine_state(model)
+    if not verdict.fast and not state.fallback_warned:
+        state.fallback_warned = True
         warnings.warn(
             f"{getattr(model, 'ioi_name', 'this model')}: the fast engines are not used because "
             f"{verdict.reason}; running the hook-based reference engines instead (slower, exact).",

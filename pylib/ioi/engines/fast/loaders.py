@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ioi.engines.fast.model import MAX_ROTARY_POSITIONS, FastModel, Layer
+from ioi.engines.state import engine_state
 
 @dataclass(frozen=True)
 class Loader:
@@ -142,14 +143,14 @@ LOADERS = (
 
 
 def as_fast(model_or_fast) -> FastModel:
-    """A `FastModel` for a bridge (built once and kept on it) or the `FastModel` itself."""
+    """A `FastModel` for a bridge (built once and kept with it: `ioi.engines.state`) or the
+    `FastModel` itself."""
     if isinstance(model_or_fast, FastModel):
         return model_or_fast
-    fast = getattr(model_or_fast, "_ioi_fast_model", None)
-    if fast is None:
-        fast = from_bridge(model_or_fast)
-        model_or_fast._ioi_fast_model = fast  # weights are frozen in eval, so cache per bridge
-    return fast
+    state = engine_state(model_or_fast)
+    if state.fast is None:
+        state.fast = from_bridge(model_or_fast)
+    return state.fast
 
 
 def _stacked(bridge, name: str) -> Tensor | None:
