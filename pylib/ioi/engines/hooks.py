@@ -223,21 +223,24 @@ def _at_end(setter: Setter, act: Tensor, clean: Tensor, index: tuple, dataset: I
 HEAD_INPUTS = ("q", "k", "v", "pattern")
 
 
+def _n_kv_heads(cfg) -> int:
+    """Key/value heads per layer: fewer than query heads under grouped-query attention."""
+    return getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+
+
 def input_head(cfg, head: int, activation: str) -> int:
     """The head of its layer's `activation` that a query head reads: itself for q and pattern;
     under grouped-query attention, its group's key/value head for k and v."""
     if activation not in ("k", "v"):
         return head
-    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-    return head // (cfg.n_heads // n_kv)
+    return head // (cfg.n_heads // _n_kv_heads(cfg))
 
 
 def head_input_items(cfg, heads: Sequence[tuple[int, int]] | None, activation: str) -> list[tuple[int, int]]:
     """The (layer, head) items one input of `heads` is patched at (None: every head): query
     heads for q and pattern, key/value heads for k and v, each group once."""
     if heads is None:
-        n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
-        n = n_kv if activation in ("k", "v") else cfg.n_heads
+        n = _n_kv_heads(cfg) if activation in ("k", "v") else cfg.n_heads
         return [(l, h) for l in range(cfg.n_layers) for h in range(n)]
     if activation in ("k", "v"):
         return sorted({(l, input_head(cfg, h, activation)) for l, h in heads})
