@@ -12,13 +12,17 @@ at module level would outlive the model, or need weak references to forget it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # fast.loaders imports this module
+    from ioi.engines.fast.model import FastModel
 
 ATTRIBUTE = "ioi_engine_state"  # the one attribute the engines set on a model
 
 
 @dataclass
 class EngineState:
-    fast: object | None = None  # the model's FastModel, read on first use (`fast.as_fast`)
+    fast: FastModel | None = None  # the model's FastModel, read on first use (`fast.as_fast`)
     verdicts: dict = field(default_factory=dict)  # (tolerance, datasets' digests) -> check.Verdict
     fallback_warned: bool = False  # `check.use_fast` warns once per model
 
