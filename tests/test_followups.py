@@ -93,7 +93,7 @@ def tiny_study(tiny_dir):
 
 def test_template_rows_cover_every_template(tiny_dir):
     """One template row per template of the full set, with the requested prompts each."""
-    sweep = followups.template_sweep(tiny_dir, n_per_template=2, circuit_n=8)
+    sweep = followups.template_sweep(Study(StudyConfig(model=tiny_dir, n=8)), n_per_template=2)
     per_template = sweep[sweep.level == "template"]
     assert sorted(per_template.template_id) == list(range(N_TEMPLATES))
     assert (per_template.n == 2).all()
@@ -160,3 +160,23 @@ def test_cli_templates_json_has_the_contracted_columns(capsys, tiny_dir):
     assert all(keys <= set(r) for r in rows)
     assert {r["order"] for r in templates} == {"ABBA", "BABA"}
     assert [r["template_id"] for r in rows if r["level"] != "template"] == [None, None, None]
+
+
+# --- The second family ---------------------------------------------------------------------------
+
+
+def test_the_second_study_loads_after_the_main_model_is_let_go(tiny_dir, tmp_path, monkeypatch):
+    """Building the second family's study first lets the main study's model go (two models'
+    load peaks never stack); the main study loads it again when it next needs it."""
+    import shutil
+    import weakref
+
+    monkeypatch.setenv("IOI_NO_CACHE", "1")  # so that building the second study loads its model
+    main = Study(StudyConfig(model=tiny_dir, n=4))
+    held = weakref.ref(main.model)
+    other = str(shutil.copytree(tiny_dir, tmp_path / "another-model"))
+    second, error = followups.second_study(other, main, n=4, n_path=4)
+    assert error is None and second.config.model == other and second.config.n_path == 4
+    assert held() is None  # nothing else kept it
+    assert main.model is not None
+    assert followups.second_study(tiny_dir, main, n=4, n_path=4) == (None, None)  # never the main model again

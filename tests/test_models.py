@@ -123,3 +123,20 @@ def test_a_study_holds_its_model_until_released(tiny_dir, monkeypatch):
     assert study.model is not None and loads == [tiny_dir, tiny_dir]
     study_module.Study(study.config).model
     assert loads == [tiny_dir] * 3
+
+
+def test_a_variant_borrows_its_studys_model(tiny_dir, monkeypatch):
+    """A variant of a study (other prompts, other templates) computes with the model the study
+    holds, loading it there if need be: one copy in memory, keyed on the same files."""
+    from ioi import study as study_module
+
+    loads = []
+    monkeypatch.setattr(study_module, "load_model", lambda name, device, **kwargs: loads.append(name) or models.load_model(name, device, **kwargs))
+    monkeypatch.setenv("IOI_NO_CACHE", "1")  # so that building the variant needs the model
+    study = study_module.Study(study_module.StudyConfig(model=tiny_dir, n=4))
+    variant = study.variant(n=6, templates="full")
+    assert variant.model is study.model and loads == [tiny_dir]
+    assert (len(variant.clean), variant.config.templates, variant.config.seed) == (6, "full", study.config.seed)
+    assert variant.model_fingerprint == study.model_fingerprint
+    with pytest.raises(ValueError, match="same model"):
+        study.variant(model="gpt2-small")

@@ -196,7 +196,8 @@ def cmd_followup_size(args) -> None:
 
 
 def cmd_followup_templates(args) -> None:
-    _emit_frame(followups.template_sweep(args.model, args.n, args.seed, circuit_n=args.circuit_n, device=args.device), args.json)
+    study = Study(StudyConfig(model=args.model, n=args.circuit_n, seed=args.seed, device=args.device))
+    _emit_frame(followups.template_sweep(study, args.n), args.json)
 
 
 def register_followups(subparsers) -> None:

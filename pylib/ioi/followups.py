@@ -165,28 +165,25 @@ def relative_depth(layer, n_layers: int):
 
 
 def template_sweep(
-    model: str = "gpt2-small",
-    n_per_template: int = N_PER_TEMPLATE,
-    seed: int = 0,
-    circuit: criteria.Circuit | None = None,
-    circuit_n: int = StudyConfig().n,
-    device: str = "cpu",
+    study: Study, n_per_template: int = N_PER_TEMPLATE, circuit: criteria.Circuit | None = None,
 ) -> pd.DataFrame:
-    """Baseline and circuit faithfulness on each of the 30 templates, then pooled by name order.
+    """Baseline and circuit faithfulness of `study`'s model on each of the 30 templates, then
+    pooled by name order.
 
-    The circuit is fixed before the sweep: `circuit`, or else the one the main study reports
-    (`Study.circuit()` on `circuit_n` prompts of the default template set: the paper's 26 heads
-    on GPT-2 small, a found circuit elsewhere). Only the template varies; every template gets
-    `n_per_template` prompts drawn with `seed`. Rows: `level` "template" (one per template),
-    "order" (ABBA and BABA pooled) and "difference" (ABBA minus BABA, bootstrap CI)."""
-    if circuit is None:
-        circuit = Study(StudyConfig(model=model, n=circuit_n, seed=seed, device=device)).circuit()
+    The circuit is fixed before the sweep: `circuit`, or else the one `study` reports
+    (`Study.circuit()`: the paper's 26 heads on GPT-2 small, a found circuit elsewhere). Only the
+    template varies; every template gets `n_per_template` prompts drawn with the study's seed, in
+    a variant of the study that borrows its model (`Study.variant`). Rows: `level` "template"
+    (one per template), "order" (ABBA and BABA pooled) and "difference" (ABBA minus BABA,
+    bootstrap CI)."""
+    circuit = study.circuit() if circuit is None else circuit
     n_templates = 2 * len(load_distribution().baba_templates)  # each BABA and its ABBA version
-    study = Study(StudyConfig(model=model, n=n_per_template * n_templates, seed=seed, templates="full", device=device))
-    per_prompt = prompt_faithfulness(study, circuit)
+    per_template = study.variant(n=n_per_template * n_templates, templates="full")
+    per_prompt = prompt_faithfulness(per_template, circuit)
+    seed = study.config.seed
     rows = template_rows(per_prompt, seed) + order_rows(per_prompt, seed)
     frame = pd.DataFrame(rows).astype({"template_id": "Int64"})  # pooled rows have none
-    return frame.assign(model=model, circuit_size=len(circuit.heads))
+    return frame.assign(model=study.config.model, circuit_size=len(circuit.heads))
 
 
 def prompt_faithfulness(study: Study, circuit: criteria.Circuit) -> pd.DataFrame:
@@ -293,11 +290,14 @@ def second_study(model: str, main: Study, n: int, n_path: int) -> tuple[Study | 
     """The Study of the second family's model, or (None, why not): a follow-up never repeats the
     main study's model, and a model that is unknown or cannot be loaded here, or that the fast
     engines do not compute exactly (the hook references would take hours), is reported, not
-    raised, so the report can say so in a sentence."""
+    raised, so the report can say so in a sentence. The main study's model is let go first, so
+    that loading the second (twice its resident size at its peak) does not stack on it; an
+    analysis of the main study that needs it again loads it again."""
     from ioi.engines.check import unsupported_error
 
     if not model or model == main.config.model:
         return None, None
+    main.release_model()
     try:
         study = Study(StudyConfig(model=model, n=n, seed=main.config.seed, n_path=min(n, n_path)))
     except (ModelUnavailableError, ValueError) as error:

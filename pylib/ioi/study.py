@@ -98,14 +98,17 @@ def _freeing(result):
 
 
 class Study:
-    def __init__(self, config: StudyConfig = StudyConfig()):
+    def __init__(self, config: StudyConfig = StudyConfig(), *, model_from: Study | None = None):
         self._model = None  # loaded on first use (`model`), held until `release_model`
         # Where the weights come from, resolved once, so that the files digested into every
         # result's key are the files loaded (a hub that answers the digest and not the load, or the
-        # reverse, would key results on one copy and compute them on another).
-        where = None if config.model in RANDOM_MODELS else source(config.model)
-        self._load = functools.partial(load_model, config.model, config.device, where=where)
-        inputs = _inputs(config, where, lambda: self.model)
+        # reverse, would key results on one copy and compute them on another). A `variant` borrows both.
+        if model_from is not None:
+            self._where, self._load = model_from._where, lambda: model_from.model
+        else:
+            self._where = None if config.model in RANDOM_MODELS else source(config.model)
+            self._load = functools.partial(load_model, config.model, config.device, where=self._where)
+        inputs = _inputs(config, self._where, lambda: self.model)
         self.config: StudyConfig = inputs["config"]  # prepend_bos resolved
         self.clean, self.corrupted = inputs["clean"], inputs["corrupted"]
         self.shape: dict = inputs["shape"]  # n_layers, n_heads, n_params
@@ -127,6 +130,13 @@ class Study:
         gc.collect()
         return_free_memory()
 
+    def variant(self, **changes) -> Study:
+        """This study's model under another config (other prompts, templates): a Study that borrows
+        the model this one holds, loading it here if need be, rather than loading a second copy."""
+        if changes.keys() & {"model", "device"}:
+            raise ValueError("a variant studies the same model on the same device: make a new Study for another")
+        return Study(dataclasses.replace(self.config, **changes), model_from=self)
+
     @property
     def path_data(self):
         """The first `n_path` prompts and their corruptions, for path patching."""
@@ -144,8 +154,7 @@ class Study:
             "n_templates": len(set(self.clean.template_id)),
             "names_dropped": len(self.clean.names_dropped),
             "names_dropped_list": list(self.clean.names_dropped),
-            "n_layers": self.shape["n_layers"],
-            "n_heads": self.shape["n_heads"],
+            "n_layers": self.shape["n_layers"], "n_heads": self.shape["n_heads"],
         }
 
     # --- Baseline -----------------------------------------------------------------------------
@@ -218,13 +227,11 @@ class Study:
     @_analysis
     def clean_and_corrupted_logit_diff(self) -> tuple[float, float]:
         """Mean logit difference of the clean and of the ABC run: the metric's 1 and 0."""
-        clean = metrics.logit_diff_from_end(
-            metrics.run_end_logits(self.model, self.clean), self.clean.io_token, self.clean.s_token
-        )
-        corrupted = metrics.logit_diff_from_end(
-            metrics.run_end_logits(self.model, self.corrupted), self.clean.io_token, self.clean.s_token
-        )
-        return clean.mean().item(), corrupted.mean().item()
+        def mean_logit_diff(dataset) -> float:  # of the clean prompts' IO and S tokens
+            end_logits = metrics.run_end_logits(self.model, dataset)
+            return metrics.logit_diff_from_end(end_logits, self.clean.io_token, self.clean.s_token).mean().item()
+
+        return mean_logit_diff(self.clean), mean_logit_diff(self.corrupted)
 
     def top_heads(self, k: int | None = None) -> list[tuple[int, int]]:
         """The heads whose all-position patching moves the metric most."""
