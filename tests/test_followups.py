@@ -92,8 +92,14 @@ def tiny_study(tiny_dir):
 
 
 def test_template_rows_cover_every_template(tiny_dir):
-    """One template row per template of the full set, with the requested prompts each."""
-    sweep = followups.template_sweep(Study(StudyConfig(model=tiny_dir, n=8)), n_per_template=2)
+    """One template row per template of the full set, with the requested prompts each; the
+    models of the studies in `release_first` are let go first."""
+    import weakref
+
+    other = Study(StudyConfig(model=tiny_dir, n=4))
+    held = weakref.ref(other.model)
+    sweep = followups.template_sweep(Study(StudyConfig(model=tiny_dir, n=8)), n_per_template=2, release_first=(other, None))
+    assert held() is None
     per_template = sweep[sweep.level == "template"]
     assert sorted(per_template.template_id) == list(range(N_TEMPLATES))
     assert (per_template.n == 2).all()

@@ -166,6 +166,7 @@ def relative_depth(layer, n_layers: int):
 
 def template_sweep(
     study: Study, n_per_template: int = N_PER_TEMPLATE, circuit: criteria.Circuit | None = None,
+    release_first: Sequence[Study | None] = (),
 ) -> pd.DataFrame:
     """Baseline and circuit faithfulness of `study`'s model on each of the 30 templates, then
     pooled by name order.
@@ -173,9 +174,12 @@ def template_sweep(
     The circuit is fixed before the sweep: `circuit`, or else the one `study` reports
     (`Study.circuit()`: the paper's 26 heads on GPT-2 small, a found circuit elsewhere). Only the
     template varies; every template gets `n_per_template` prompts drawn with the study's seed, in
-    a variant of the study that borrows its model (`Study.variant`). Rows: `level` "template"
-    (one per template), "order" (ABBA and BABA pooled) and "difference" (ABBA minus BABA,
-    bootstrap CI)."""
+    a variant of the study that borrows its model (`Study.variant`); the models of the other
+    studies in `release_first` are let go first. Rows: `level` "template" (one per template),
+    "order" (ABBA and BABA pooled) and "difference" (ABBA minus BABA, bootstrap CI)."""
+    for other in release_first:
+        if other is not None and other is not study:
+            other.release_model()
     circuit = study.circuit() if circuit is None else circuit
     n_templates = 2 * len(load_distribution().baba_templates)  # each BABA and its ABBA version
     per_template = study.variant(n=n_per_template * n_templates, templates="full")
