@@ -348,7 +348,7 @@ class Study:
     @_analysis
     def _prompt_faithfulness(self, circuit_spec: tuple) -> pd.DataFrame:
         circuit = criteria.Circuit({c: tuple(map(tuple, hs)) for c, hs, _ in circuit_spec}, {c: p for c, _, p in circuit_spec})
-        f_c, f_m = criteria.circuit_and_model(self.model, circuit, self.clean, self.corrupted, None)
+        f_c, f_m = criteria.circuit_and_model_by_length(self.model, circuit, self.clean, self.corrupted)
         return pd.DataFrame({"template_id": self.clean.template_id, "order": self.clean.order, "F_C": f_c, "F_M": f_m})
 
     @_analysis
